@@ -1,0 +1,156 @@
+"""Speech and text backbones: building or loading any transformers encoder, and one pooled vector per utterance.
+
+Speech backbones take raw waveforms (`input_values`: wav2vec2, HuBERT, WavLM, data2vec-audio, ...) or log-mel
+features (`input_features`: Whisper's encoder, ...). Text backbones are encoders (BERT, RoBERTa, DeBERTa-v2, MiniLM,
+...) or decoder-only LMs (Llama, Qwen2, ...). Encoder-decoder checkpoints contribute their encoder only.
+"""
+
+import torch
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from .pooling import POOLINGS
+
+
+def _encoder_only(model: PreTrainedModel) -> PreTrainedModel:
+    return model.get_encoder() if model.config.is_encoder_decoder else model
+
+
+def build_backbone(config: PreTrainedConfig) -> PreTrainedModel:
+    """A randomly initialised backbone for `config` (the encoder, for encoder-decoder configs)."""
+    return _encoder_only(AutoModel.from_config(config))
+
+
+def load_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """A pretrained backbone from a Hub id or a local folder (the encoder, for encoder-decoder checkpoints)."""
+    return _encoder_only(AutoModel.from_pretrained(name_or_path, **kwargs))
+
+
+def load_backbone_config(name_or_path: str, **kwargs) -> PreTrainedConfig:
+    return AutoConfig.from_pretrained(name_or_path, **kwargs)
+
+
+def is_decoder_only(config: PreTrainedConfig) -> bool:
+    """True for causal LMs (Llama, Qwen2, GPT-2, ...), False for bidirectional encoders (BERT, RoBERTa, ...)."""
+    if config.is_encoder_decoder:
+        return False
+    model_type = config.model_type
+    return bool(getattr(config, "is_decoder", False)) or (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
+def resolve_text_pooling(name: str, config: PreTrainedConfig | None) -> str:
+    """`auto` pools the last real token of decoder-only LMs and averages the tokens of encoders."""
+    if name != "auto":
+        return name
+    return "last" if config is not None and is_decoder_only(config) else "mean"
+
+
+def _chunks(n: int, size: int | None):
+    size = size or max(n, 1)
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _output_mask(backbone: PreTrainedModel, input_lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """`(N, num_frames)` mask of the backbone's output frames that cover real input."""
+    if hasattr(backbone, "_get_feat_extract_output_lengths"):
+        lengths = backbone._get_feat_extract_output_lengths(input_lengths)
+    else:  # assume the frames are spread evenly over the (padded) input
+        lengths = input_lengths
+    lengths = torch.as_tensor(lengths, device=input_lengths.device).clamp(1, num_frames)
+    return torch.arange(num_frames, device=input_lengths.device) < lengths.unsqueeze(1)
+
+
+def is_padding_sensitive(backbone: PreTrainedModel) -> bool:
+    """Backbones whose convolutional front end normalises over time (group norm, e.g. wav2vec2-base, HuBERT-base,
+    WavLM-base) change their output when padding is added, and must not be given an attention mask: they run on
+    each utterance at its own length."""
+    return getattr(backbone.config, "feat_extract_norm", None) == "group"
+
+
+def encode_speech(
+    backbone: PreTrainedModel,
+    inputs: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: str,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Pooled speech embeddings of N utterances.
+
+    Args:
+        backbone: the speech backbone.
+        inputs: `(N, T)` waveforms (`input_values`) or `(N, mels, frames)` features (`input_features`).
+        attention_mask: `(N, T)` or `(N, frames)`, 1 over real samples/frames.
+        pooling: a name from `POOLINGS`, applied over the output frames that cover real audio only.
+        chunk_size: at most this many utterances per backbone call.
+
+    Returns:
+        `(N, hidden_size)` embeddings.
+    """
+    input_name = backbone.main_input_name
+    lengths = attention_mask.long().sum(-1)
+    if input_name == "input_values":
+        inputs = inputs[:, : int(lengths.max())]  # padding beyond the longest utterance is never needed
+    if is_padding_sensitive(backbone) and input_name == "input_values":
+        groups = [(lengths == value).nonzero().squeeze(1) for value in lengths.unique()]
+        calls = [(g[c], int(lengths[g[0]])) for g in groups for c in _chunks(len(g), chunk_size)]
+    else:
+        calls = [(torch.tensor(list(c), device=inputs.device), None) for c in _chunks(inputs.shape[0], chunk_size)]
+
+    pooled = None
+    for index, length in calls:
+        if length is not None:  # exact-length group: no padding at all, no mask
+            hidden = backbone(**{input_name: inputs[index, :length]}).last_hidden_state
+        else:
+            mask = attention_mask[index] if input_name == "input_values" else None
+            mask = mask[:, : inputs.shape[1]] if mask is not None else None
+            hidden = backbone(**{input_name: inputs[index]}, attention_mask=mask).last_hidden_state
+        frame_mask = _output_mask(backbone, lengths[index], hidden.shape[1])
+        vectors = POOLINGS[pooling](hidden, frame_mask)
+        if pooled is None:
+            pooled = vectors.new_empty(inputs.shape[0], vectors.shape[-1])
+        pooled[index] = vectors
+    return pooled
+
+
+def encode_text(
+    backbone: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: str,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Pooled text embeddings of N utterances.
+
+    Args:
+        backbone: the text backbone.
+        input_ids: `(N, L)` token ids (right-padded).
+        attention_mask: `(N, L)`, 1 over real tokens.
+        pooling: a name from `POOLINGS` (`auto` must be resolved first).
+        chunk_size: at most this many utterances per backbone call.
+
+    Returns:
+        `(N, hidden_size)` embeddings.
+    """
+    used = attention_mask.bool().any(0).nonzero().squeeze(1)
+    span = slice(int(used.min()), int(used.max()) + 1) if len(used) else slice(0, 1)
+    input_ids, attention_mask = input_ids[:, span], attention_mask[:, span]
+    outputs = []
+    for index in _chunks(input_ids.shape[0], chunk_size):
+        index = slice(index.start, index.stop)
+        hidden = backbone(input_ids=input_ids[index], attention_mask=attention_mask[index]).last_hidden_state
+        outputs.append(POOLINGS[pooling](hidden, attention_mask[index].bool()))
+    return torch.cat(outputs)
+
+
+__all__ = [
+    "build_backbone",
+    "load_backbone",
+    "load_backbone_config",
+    "is_decoder_only",
+    "resolve_text_pooling",
+    "is_padding_sensitive",
+    "encode_speech",
+    "encode_text",
+]

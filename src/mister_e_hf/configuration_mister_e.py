@@ -1,0 +1,182 @@
+"""Configuration of MiSTER-E (Mixture of Speech-Text Experts for Recognition of Emotions, arXiv 2602.23300)."""
+
+from dataclasses import field
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+MODALITIES = ("speech", "text")
+"""The modalities a MiSTER-E model can hold, in the order used everywhere (inputs, experts, plots)."""
+
+
+@strict
+class MisterEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`MisterEModel`]: one speech and one text backbone (either optional), a projection and a
+    convolutional + recurrent context layer per modality, a fusion (experts + gate) and a head, and the weights of
+    the training losses.
+
+    A modality is present when its backbone config is given (`speech_config` / `text_config`, any transformers
+    config, saved as a nested dict) or, in *embeddings mode*, when only its embedding size is given
+    (`speech_embed_dim` / `text_embed_dim`): the model then takes precomputed utterance embeddings. `None` for both
+    means the modality is absent, and the experts that need it are not built.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, Wav2Vec2Config
+    >>> from mister_e_hf import MisterEConfig, MisterEModel
+    >>> config = MisterEConfig(speech_config=Wav2Vec2Config(), text_config=BertConfig(), num_labels=7)
+    >>> model = MisterEModel(config)
+    ```
+    """
+
+    model_type = "mister-e"
+    sub_configs_defaults = {
+        "speech_config": SubConfigSpec(config_class=AutoConfig, model_type="wav2vec2", optional=True),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+    }
+
+    speech_config: PreTrainedConfig | dict | None = None
+    """Config of the speech backbone (any transformers audio encoder; for encoder-decoders, e.g. Whisper, the encoder is used)."""
+    text_config: PreTrainedConfig | dict | None = None
+    """Config of the text backbone (an encoder such as BERT, or a decoder-only LM such as Llama)."""
+    speech_embed_dim: int | None = None
+    """Size of precomputed speech utterance embeddings (embeddings mode, no speech backbone)."""
+    text_embed_dim: int | None = None
+    """Size of precomputed text utterance embeddings (embeddings mode, no text backbone)."""
+    speech_backbone_name_or_path: str | None = None
+    """Where the speech backbone was loaded from (Hub id or folder), recorded for model cards and caches."""
+    text_backbone_name_or_path: str | None = None
+    """Where the text backbone was loaded from (Hub id or folder), recorded for model cards and caches."""
+    freeze_speech_backbone: bool = False
+    """Keep the speech backbone's weights fixed (no gradients, always in eval mode)."""
+    freeze_text_backbone: bool = False
+    """Keep the text backbone's weights fixed (no gradients, always in eval mode)."""
+
+    speech_pooling: str = "mean"
+    """How the speech backbone's frames become one vector per utterance: a name from `pooling.POOLINGS`."""
+    text_pooling: str = "auto"
+    """How the text backbone's tokens become one vector: `auto` = `last` for decoder-only LMs, `mean` otherwise."""
+    backbone_chunk_size: int | None = None
+    """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
+
+    projection_dim: int = 256
+    """Size of each modality's utterance representation after the input projection."""
+    context_kernel_sizes: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """Kernel sizes of the parallel 1-D convolutions over a conversation's utterances (their outputs are summed)."""
+    context_hidden_size: int = 128
+    """Hidden size of the context GRU, per direction."""
+    context_num_layers: int = 2
+    """Number of stacked GRU layers in each context layer."""
+    context_bidirectional: bool = True
+    """True: each utterance sees the whole conversation. False: causal (past only), for streaming."""
+    cross_attention_layers: int = 2
+    """Number of co-attention blocks (cross-attention both ways, then self-attention) in the cross-modal expert."""
+    cross_attention_heads: int = 4
+    """Attention heads in the cross-modal expert (must divide `projection_dim`)."""
+    expert_hidden_size: int = 256
+    """Hidden size of the cross-modal expert's classifier."""
+    gate_hidden_size: int = 16
+    """Hidden size of the gate, which reads the experts' logits."""
+    gate_temperature: float = 2.0
+    """Temperature of the gate's softmax over experts (higher = smoother mixtures)."""
+    dropout: float = 0.2
+    """Dropout in projections, context layers, experts and the gate."""
+
+    fusion: str = "mister-e"
+    """How modality representations become expert predictions and gate weights: a name from `fusions.FUSIONS`."""
+    head: str = "classification"
+    """How expert outputs are mixed and scored: a name from `heads.HEADS`."""
+
+    expert_loss_weight: float = 1.0
+    """Weight of each expert's own loss (averaged over the experts), added to the loss of the gated mixture."""
+    focal_gamma: float = 0.0
+    """Focal-loss exponent for the classification losses; 0 gives plain cross-entropy."""
+    supcon_weight: float = 0.5
+    """Weight of the supervised contrastive loss between paired speech/text representations."""
+    supcon_temperature: float = 0.5
+    """Temperature of the supervised contrastive loss."""
+    kl_weight: float = 0.1
+    """Weight of the symmetric KL consistency term between the experts' distributions."""
+
+    initializer_range: float = 0.02
+    """Standard deviation of the normal initialisation of the fusion's linear layers."""
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this model holds, in canonical order."""
+        return tuple(m for m in MODALITIES if self.has_modality(m))
+
+    def has_modality(self, modality: str) -> bool:
+        return getattr(self, f"{modality}_config") is not None or getattr(self, f"{modality}_embed_dim") is not None
+
+    def backbone_config(self, modality: str) -> PreTrainedConfig | None:
+        return getattr(self, f"{modality}_config")
+
+    def embed_dim(self, modality: str) -> int:
+        """Size of the utterance embedding a modality's backbone (or precomputed embeddings) gives."""
+        backbone = self.backbone_config(modality)
+        if backbone is not None:
+            encoder = getattr(backbone, "encoder", None) if backbone.is_encoder_decoder else None
+            source = encoder if isinstance(encoder, PreTrainedConfig) else backbone
+            for name in ("hidden_size", "d_model", "dim"):
+                if isinstance(getattr(source, name, None), int):
+                    return getattr(source, name)
+            raise ValueError(f"Cannot tell the hidden size of the {modality} backbone ({backbone.model_type}).")
+        return getattr(self, f"{modality}_embed_dim")
+
+    def validate_mister_e(self):
+        """Checked at construction: names exist in their registries and sizes are consistent."""
+        from .fusions import FUSIONS
+        from .heads import HEADS
+        from .pooling import POOLINGS
+
+        if not self.modalities:
+            raise ValueError(
+                "A MiSTER-E model needs at least one modality: give `speech_config`/`text_config` (backbones) "
+                "or `speech_embed_dim`/`text_embed_dim` (precomputed embeddings)."
+            )
+        for modality in MODALITIES:
+            backbone, dim = self.backbone_config(modality), getattr(self, f"{modality}_embed_dim")
+            if backbone is not None and dim is not None and dim != self.embed_dim(modality):
+                raise ValueError(
+                    f"`{modality}_embed_dim`={dim} disagrees with the {modality} backbone's hidden size "
+                    f"{self.embed_dim(modality)}; leave it unset when a backbone is given."
+                )
+            if dim is not None and dim <= 0:
+                raise ValueError(f"`{modality}_embed_dim` must be positive, got {dim}.")
+        for name, value, registry in (
+            ("speech_pooling", self.speech_pooling, POOLINGS),
+            ("text_pooling", self.text_pooling, {**POOLINGS, "auto": None}),
+            ("fusion", self.fusion, FUSIONS),
+            ("head", self.head, HEADS),
+        ):
+            if value not in registry:
+                raise ValueError(f"Unknown {name} {value!r}; choose one of {sorted(registry)}.")
+        for name in ("projection_dim", "context_hidden_size", "context_num_layers", "expert_hidden_size",
+                     "gate_hidden_size", "cross_attention_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.cross_attention_layers < 0:
+            raise ValueError(f"`cross_attention_layers` must be >= 0, got {self.cross_attention_layers}.")
+        if not self.context_kernel_sizes or any(k <= 0 for k in self.context_kernel_sizes):
+            raise ValueError(f"`context_kernel_sizes` must be positive integers, got {self.context_kernel_sizes}.")
+        if self.projection_dim % self.cross_attention_heads:
+            raise ValueError(
+                f"`cross_attention_heads`={self.cross_attention_heads} must divide `projection_dim`={self.projection_dim}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+        if self.gate_temperature <= 0 or self.supcon_temperature <= 0:
+            raise ValueError("`gate_temperature` and `supcon_temperature` must be positive.")
+        for name in ("expert_loss_weight", "supcon_weight", "kl_weight", "focal_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.backbone_chunk_size is not None and self.backbone_chunk_size <= 0:
+            raise ValueError(f"`backbone_chunk_size` must be positive, got {self.backbone_chunk_size}.")
+
+
+__all__ = ["MisterEConfig", "MODALITIES"]

@@ -1,0 +1,151 @@
+"""The MiSTER-E fusion: speech-only, text-only and cross-modal experts weighed by a learned gate."""
+
+import torch
+from torch import nn
+
+from .outputs import FusionOutput, ModalityFeatures
+
+
+def causal_attention_mask(length: int, device: torch.device) -> torch.Tensor:
+    """`(length, length)` bool mask, True above the diagonal: position i may not attend to j > i."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+
+
+class CoAttentionBlock(nn.Module):
+    """Cross-attention both ways between the two modalities' utterance sequences, then self-attention in each.
+
+    Every sub-layer is residual with post-LayerNorm. Attention runs over the utterances of a conversation; padding
+    utterances are never attended to, and in causal mode an utterance attends only to itself and earlier ones.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.attentions = nn.ModuleDict(
+            {
+                name: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+                for name in ("speech_from_text", "text_from_speech", "speech_self", "text_self")
+            }
+        )
+        self.norms = nn.ModuleDict({name: nn.LayerNorm(dim) for name in self.attentions})
+        self.dropout = nn.Dropout(dropout)
+
+    def _attend(self, name, query, key, padding_mask, attn_mask):
+        attended, _ = self.attentions[name](
+            query, key, key, key_padding_mask=padding_mask, attn_mask=attn_mask, need_weights=False
+        )
+        return self.norms[name](query + self.dropout(attended))
+
+    def forward(self, speech, text, padding_mask, attn_mask=None):
+        """`speech`, `text`: `(B, U, D)`; `padding_mask`: `(B, U)` True at padding; `attn_mask`: `(U, U)` or None."""
+        speech, text = (
+            self._attend("speech_from_text", speech, text, padding_mask, attn_mask),
+            self._attend("text_from_speech", text, speech, padding_mask, attn_mask),
+        )
+        speech = self._attend("speech_self", speech, speech, padding_mask, attn_mask)
+        text = self._attend("text_self", text, text, padding_mask, attn_mask)
+        return speech, text
+
+
+class CrossModalExpert(nn.Module):
+    """Co-attention over the two modalities' projected utterance embeddings, then a classifier on both streams.
+
+    Returns the expert's logits `(B, U, outputs)` and the two attended streams `(B, U, D)`, which are the paired
+    speech/text representations of the contrastive loss.
+    """
+
+    def __init__(self, config, num_outputs: int):
+        super().__init__()
+        dim = config.projection_dim
+        self.causal = not config.context_bidirectional
+        self.blocks = nn.ModuleList(
+            CoAttentionBlock(dim, config.cross_attention_heads, config.dropout)
+            for _ in range(config.cross_attention_layers)
+        )
+        self.classifier = nn.Sequential(
+            nn.LayerNorm(2 * dim),
+            nn.Linear(2 * dim, config.expert_hidden_size),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.expert_hidden_size, num_outputs),
+        )
+
+    def forward(self, speech: torch.Tensor, text: torch.Tensor, utterance_mask: torch.Tensor):
+        attn_mask = causal_attention_mask(speech.shape[1], speech.device) if self.causal else None
+        for block in self.blocks:
+            speech, text = block(speech, text, ~utterance_mask, attn_mask)
+        return self.classifier(torch.cat([speech, text], dim=-1)), speech, text
+
+
+class ExpertGate(nn.Module):
+    """Per-utterance softmax weights over the experts, computed from the experts' own outputs.
+
+    Unavailable experts (missing modality) get weight exactly 0 and the others renormalise; padding utterances get
+    all-zero weights.
+    """
+
+    def __init__(self, num_experts: int, num_outputs: int, hidden_size: int, temperature: float, dropout: float):
+        super().__init__()
+        self.temperature = temperature
+        self.net = nn.Sequential(
+            nn.Linear(num_experts * num_outputs, hidden_size),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, num_experts),
+        )
+
+    def forward(self, expert_outputs: torch.Tensor, expert_mask: torch.Tensor) -> torch.Tensor:
+        """`(B, U, E, K)` outputs and `(B, U, E)` availability -> `(B, U, E)` weights."""
+        inputs = (expert_outputs * expert_mask.unsqueeze(-1)).flatten(-2)
+        scores = self.net(inputs) / self.temperature
+        scores = scores.masked_fill(~expert_mask, torch.finfo(scores.dtype).min)
+        return scores.softmax(-1) * expert_mask
+
+
+class MisterEFusion(nn.Module):
+    """The experts and gate of MiSTER-E.
+
+    Experts, in order: one per modality the model holds (a linear classifier on that modality's context
+    representation), then, when both speech and text are present, the cross-modal expert. The gate weighs them per
+    utterance.
+    """
+
+    def __init__(self, config, num_outputs: int, context_dims: dict[str, int]):
+        super().__init__()
+        self.modalities = tuple(context_dims)
+        self.unimodal = nn.ModuleDict(
+            {m: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, num_outputs)) for m, d in context_dims.items()}
+        )
+        self.cross_modal = CrossModalExpert(config, num_outputs) if len(context_dims) == 2 else None
+        self.gate = ExpertGate(
+            len(self.expert_names(config)), num_outputs, config.gate_hidden_size, config.gate_temperature,
+            config.dropout,
+        )
+
+    @staticmethod
+    def expert_names(config) -> list[str]:
+        modalities = list(config.modalities)
+        return modalities + (["cross-modal"] if len(modalities) == 2 else [])
+
+    def forward(self, features: dict[str, ModalityFeatures], utterance_mask: torch.Tensor) -> FusionOutput:
+        outputs = [self.unimodal[m](features[m].context) for m in self.modalities]
+        masks = [features[m].mask for m in self.modalities]
+        paired = paired_mask = None
+        if self.cross_modal is not None:
+            speech, text = (features[m] for m in self.modalities)
+            logits, speech_repr, text_repr = self.cross_modal(speech.utterance, text.utterance, utterance_mask)
+            paired_mask = speech.mask & text.mask
+            outputs.append(logits)
+            masks.append(paired_mask)
+            paired = (speech_repr, text_repr)
+        expert_outputs = torch.stack(outputs, dim=2)
+        expert_mask = torch.stack(masks, dim=2) & utterance_mask.unsqueeze(-1)
+        return FusionOutput(
+            expert_outputs=expert_outputs,
+            expert_mask=expert_mask,
+            gate_weights=self.gate(expert_outputs, expert_mask),
+            paired=paired,
+            paired_mask=paired_mask,
+        )
+
+
+__all__ = ["MisterEFusion", "CrossModalExpert", "CoAttentionBlock", "ExpertGate"]

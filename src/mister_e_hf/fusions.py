@@ -1,0 +1,15 @@
+"""Registry of fusions: how the modalities' context representations become expert predictions and gate weights.
+
+A fusion is an `nn.Module` built as `Fusion(config, num_outputs, context_dims)` (`context_dims` maps each modality
+the model holds to the size of its context representation), with a static `expert_names(config)` and a
+`forward(features: dict[str, ModalityFeatures], utterance_mask) -> FusionOutput`. New fusions are added here by
+name; the model class does not change.
+"""
+
+from .fusion_mister_e import MisterEFusion
+
+
+FUSIONS = {"mister-e": MisterEFusion}
+"""Registry of fusions by the name used in `MisterEConfig.fusion`."""
+
+__all__ = ["FUSIONS"]

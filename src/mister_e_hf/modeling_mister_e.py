@@ -1,0 +1,401 @@
+"""MiSTER-E (Mixture of Speech-Text Experts for Recognition of Emotions, arXiv 2602.23300) as a transformers model.
+
+Data flow for a batch of B conversations padded to U utterances:
+
+    speech backbone -> pooled (B, U, Ds) --+-> projection (B, U, P) -> context layer (B, U, H) --+
+    text backbone   -> pooled (B, U, Dt) --+-> projection (B, U, P) -> context layer (B, U, H) --+-> fusion
+                                                                                                    (experts + gate)
+    -> expert logits (B, U, E, C), gate weights (B, U, E) -> head -> mixture log-probabilities (B, U, C) [+ losses]
+
+No speaker identity enters anywhere.
+"""
+
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from .backbones import build_backbone, encode_speech, encode_text, load_backbone, load_backbone_config
+from .backbones import resolve_text_pooling
+from .configuration_mister_e import MODALITIES, MisterEConfig
+from .fusions import FUSIONS
+from .heads import HEADS
+from .outputs import MisterEOutput, ModalityFeatures
+
+
+LOSS_WEIGHTS = {
+    "mixture_loss": None,
+    "expert_loss": "expert_loss_weight",
+    "supcon_loss": "supcon_weight",
+    "kl_loss": "kl_weight",
+}
+"""Each loss component and the config attribute holding its weight (`None`: weight 1)."""
+
+CODE_FILES = ("modeling_mister_e.py", "processing_mister_e.py")
+"""Files that `save_pretrained` copies (with their relative imports) so a checkpoint loads with remote code."""
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_mister_e.MisterEConfig",
+    "AutoModel": "modeling_mister_e.MisterEModel",
+    "AutoProcessor": "processing_mister_e.MisterEProcessor",
+}
+
+
+class UtteranceProjection(nn.Module):
+    """LayerNorm, linear map to `projection_dim`, dropout: puts every backbone on a common scale and size."""
+
+    def __init__(self, input_size: int, output_size: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(input_size)
+        self.linear = nn.Linear(input_size, output_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.linear(self.norm(embeds)))
+
+
+class ConversationContext(nn.Module):
+    """The convolutional + recurrent context layer over a conversation's utterances (one per modality).
+
+    Parallel 1-D convolutions over the utterance axis (one per kernel size, outputs summed, ReLU), then a GRU, plus
+    a linear skip connection from the input. Padding utterances are zeroed before the convolutions (so a
+    conversation sees the same zero padding alone or in a batch) and skipped by the GRU (packed sequences). In causal
+    mode the convolutions look only backwards and the GRU is unidirectional.
+
+    Input `(B, U, input_size)` and mask `(B, U)`; output `(B, U, output_size)`, zero at padding.
+    """
+
+    def __init__(self, input_size: int, config: MisterEConfig):
+        super().__init__()
+        hidden = config.context_hidden_size
+        self.causal = not config.context_bidirectional
+        self.kernel_sizes = list(config.context_kernel_sizes)
+        self.convs = nn.ModuleList(nn.Conv1d(input_size, hidden, k) for k in self.kernel_sizes)
+        self.gru = nn.GRU(
+            hidden,
+            hidden,
+            num_layers=config.context_num_layers,
+            batch_first=True,
+            bidirectional=config.context_bidirectional,
+            dropout=config.dropout if config.context_num_layers > 1 else 0.0,
+        )
+        self.output_size = hidden * (2 if config.context_bidirectional else 1)
+        self.skip = nn.Linear(input_size, self.output_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _padding(self, kernel_size: int) -> tuple[int, int]:
+        return (kernel_size - 1, 0) if self.causal else ((kernel_size - 1) // 2, kernel_size // 2)
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        inputs = inputs * mask.unsqueeze(-1)
+        channels = inputs.transpose(1, 2)
+        convolved = sum(
+            conv(nn.functional.pad(channels, self._padding(k))) for conv, k in zip(self.convs, self.kernel_sizes)
+        )
+        hidden = self.dropout(torch.relu(convolved)).transpose(1, 2)
+        lengths = mask.sum(1).cpu()
+        packed = pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
+        recurrent, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=inputs.shape[1])
+        return (recurrent + self.skip(inputs)) * mask.unsqueeze(-1)
+
+
+class MisterEPreTrainedModel(PreTrainedModel):
+    config_class = MisterEConfig
+    base_model_prefix = "mister_e"
+    main_input_name = "utterance_mask"
+    supports_gradient_checkpointing = False
+    _no_split_modules = []
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Initialises MiSTER-E's own layers. Backbones are `PreTrainedModel`s and are dispatched to their own
+        `_init_weights` by transformers, which skips them entirely when they hold loaded weights."""
+        if isinstance(module, nn.GRU):
+            for name, param in module.named_parameters():
+                if "weight" in name:
+                    init.xavier_uniform_(param)
+                else:
+                    init.zeros_(param)
+        else:
+            super()._init_weights(module)
+
+
+class MisterEModel(MisterEPreTrainedModel):
+    r"""
+    MiSTER-E: per-modality utterance embeddings (from backbones or precomputed), a convolutional + recurrent context
+    layer per modality, and a fusion of experts weighed by a learned gate (see `MisterEConfig.fusion`).
+
+    Args:
+        config ([`MisterEConfig`]): the model configuration.
+        speech_backbone (`PreTrainedModel`, *optional*): an already built (e.g. pretrained) speech backbone to use
+            instead of building a random one from `config.speech_config`.
+        text_backbone (`PreTrainedModel`, *optional*): likewise for the text backbone.
+    """
+
+    def __init__(
+        self,
+        config: MisterEConfig,
+        speech_backbone: PreTrainedModel | None = None,
+        text_backbone: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        given = {"speech": speech_backbone, "text": text_backbone}
+        for modality in MODALITIES:
+            backbone = None
+            if config.backbone_config(modality) is not None:
+                backbone = given[modality] if given[modality] is not None else build_backbone(config.backbone_config(modality))
+            elif given[modality] is not None:
+                raise ValueError(f"A {modality} backbone was given but the config has no `{modality}_config`.")
+            setattr(self, f"{modality}_backbone", backbone)
+            if backbone is not None and getattr(config, f"freeze_{modality}_backbone"):
+                backbone.requires_grad_(False)
+
+        self.text_pooling = resolve_text_pooling(config.text_pooling, config.text_config)
+        self.projections = nn.ModuleDict(
+            {m: UtteranceProjection(config.embed_dim(m), config.projection_dim, config.dropout) for m in config.modalities}
+        )
+        self.contexts = nn.ModuleDict({m: ConversationContext(config.projection_dim, config) for m in config.modalities})
+        self.head = HEADS[config.head](config)
+        fusion_class = FUSIONS[config.fusion]
+        self.expert_names = fusion_class.expert_names(config)
+        self.fusion = fusion_class(
+            config, self.head.num_outputs, {m: self.contexts[m].output_size for m in config.modalities}
+        )
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_backbones(
+        cls,
+        speech_model_name_or_path: str | None = None,
+        text_model_name_or_path: str | None = None,
+        *,
+        freeze_speech_backbone: bool = False,
+        freeze_text_backbone: bool = False,
+        backbone_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "MisterEModel":
+        """Builds a MiSTER-E model around pretrained backbones (Hub ids or local folders; either may be None).
+
+        The backbones keep their loaded weights; only MiSTER-E's own layers are initialised. `backbone_kwargs` go to
+        each backbone's `from_pretrained` (e.g. `revision`, `dtype`), `config_kwargs` to [`MisterEConfig`]
+        (e.g. `id2label`, `projection_dim`).
+        """
+        if speech_model_name_or_path is None and text_model_name_or_path is None and not any(
+            config_kwargs.get(f"{m}_embed_dim") for m in MODALITIES
+        ):
+            raise ValueError("Give at least one backbone (speech or text) or an embedding size for embeddings mode.")
+        backbone_kwargs = backbone_kwargs or {}
+        backbones, configs = {}, {}
+        for modality, path in (("speech", speech_model_name_or_path), ("text", text_model_name_or_path)):
+            if path is None:
+                continue
+            backbones[modality] = load_backbone(path, **backbone_kwargs)
+            configs[f"{modality}_config"] = load_backbone_config(path, **backbone_kwargs)
+            configs[f"{modality}_backbone_name_or_path"] = str(path)
+        config = MisterEConfig(
+            **configs,
+            freeze_speech_backbone=freeze_speech_backbone,
+            freeze_text_backbone=freeze_text_backbone,
+            **config_kwargs,
+        )
+        return cls(config, speech_backbone=backbones.get("speech"), text_backbone=backbones.get("text"))
+
+    def train(self, mode: bool = True):
+        """Frozen backbones stay in eval mode (no dropout) while the rest trains."""
+        super().train(mode)
+        for modality in self.config.modalities:
+            backbone = getattr(self, f"{modality}_backbone")
+            if backbone is not None and getattr(self.config, f"freeze_{modality}_backbone"):
+                backbone.eval()
+        return self
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Saves weights (safetensors), config and the code files, with an `auto_map` for AutoConfig, AutoModel and
+        AutoProcessor, so that the folder also loads with `trust_remote_code=True` where this package is absent."""
+        os.makedirs(save_directory, exist_ok=True)
+        here = Path(__file__).parent
+        for name in CODE_FILES:
+            for source in [here / name, *map(Path, get_relative_import_files(here / name))]:
+                shutil.copyfile(source, Path(save_directory) / source.name)
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------- forward
+    def _backbone_context(self, modality: str):
+        frozen = getattr(self.config, f"freeze_{modality}_backbone")
+        return torch.no_grad() if frozen else nullcontext()
+
+    def embed_utterances(
+        self,
+        modality: str,
+        mask: torch.Tensor,
+        input_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        speech_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled backbone embeddings `(B, U, D)` of the utterances where `mask` `(B, U)` is True (zeros elsewhere).
+
+        This is what embeddings mode (`speech_embeds` / `text_embeds`) takes, and what an embedding cache stores.
+        """
+        backbone = getattr(self, f"{modality}_backbone")
+        if backbone is None:
+            raise ValueError(
+                f"This model has no {modality} backbone (embeddings mode): pass `{modality}_embeds` instead of raw inputs."
+            )
+        selected = mask.bool()
+        with self._backbone_context(modality):
+            if modality == "speech":
+                inputs = input_values if input_values is not None else input_features
+                if speech_attention_mask is None:
+                    raise ValueError("Speech inputs need `speech_attention_mask` (the processor returns it).")
+                pooled = encode_speech(
+                    backbone, inputs[selected], speech_attention_mask[selected], self.config.speech_pooling,
+                    self.config.backbone_chunk_size,
+                )
+            else:
+                if text_attention_mask is None:
+                    raise ValueError("Text inputs need `text_attention_mask` (the processor returns it).")
+                pooled = encode_text(
+                    backbone, input_ids[selected], text_attention_mask[selected], self.text_pooling,
+                    self.config.backbone_chunk_size,
+                )
+        embeds = pooled.new_zeros(*mask.shape, pooled.shape[-1])
+        embeds[selected] = pooled
+        return embeds
+
+    def _modality_inputs(self, modality, raw, embeds, mask, utterance_mask):
+        """(embeddings `(B, U, D)`, mask `(B, U)`) of one modality, from precomputed embeddings, raw inputs, or none."""
+        mask = utterance_mask if mask is None else mask.bool() & utterance_mask
+        if embeds is not None:
+            expected = self.config.embed_dim(modality)
+            if embeds.shape[:2] != utterance_mask.shape or embeds.shape[-1] != expected:
+                raise ValueError(
+                    f"`{modality}_embeds` must have shape (batch, utterances, {expected}) = "
+                    f"{(*utterance_mask.shape, expected)}, got {tuple(embeds.shape)}."
+                )
+            return embeds * mask.unsqueeze(-1).to(embeds.dtype), mask
+        if any(v is not None for v in raw.values()):
+            if not mask.any():
+                return None, mask
+            return self.embed_utterances(modality, mask, **raw), mask
+        return None, torch.zeros_like(utterance_mask)
+
+    def forward(
+        self,
+        input_values: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        speech_attention_mask: torch.LongTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        text_attention_mask: torch.LongTensor | None = None,
+        speech_embeds: torch.FloatTensor | None = None,
+        text_embeds: torch.FloatTensor | None = None,
+        utterance_mask: torch.LongTensor | None = None,
+        speech_mask: torch.LongTensor | None = None,
+        text_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+    ) -> MisterEOutput:
+        r"""
+        Args:
+            input_values (`(batch, utterances, samples)`): raw waveforms, for `input_values` speech backbones.
+            input_features (`(batch, utterances, mels, frames)`): log-mel features, for Whisper-style backbones.
+            speech_attention_mask (`(batch, utterances, samples or frames)`): 1 over real audio.
+            input_ids (`(batch, utterances, tokens)`): right-padded token ids of each utterance's text.
+            text_attention_mask (`(batch, utterances, tokens)`): 1 over real tokens.
+            speech_embeds / text_embeds (`(batch, utterances, dim)`): precomputed pooled utterance embeddings
+                (embeddings mode, or a cache of frozen backbones); used instead of the raw inputs when given.
+            utterance_mask (`(batch, utterances)`): 1 for real utterances, 0 for padding (a prefix per conversation).
+                Defaults to all ones.
+            speech_mask / text_mask (`(batch, utterances)`): 1 where an utterance has this modality (e.g. 0 for an
+                utterance without audio). Default: every real utterance, when the modality's inputs are given.
+            labels (`(batch, utterances)`): class ids, -100 for padding or unlabelled utterances.
+
+        Returns:
+            [`MisterEOutput`].
+        """
+        raw = {
+            "speech": {"input_values": input_values, "input_features": input_features,
+                       "speech_attention_mask": speech_attention_mask},
+            "text": {"input_ids": input_ids, "text_attention_mask": text_attention_mask},
+        }
+        given_embeds = {"speech": speech_embeds, "text": text_embeds}
+        given_masks = {"speech": speech_mask, "text": text_mask}
+        utterance_mask = self._utterance_mask(utterance_mask, raw, given_embeds)
+
+        features = {}
+        for modality in self.config.modalities:
+            embeds, mask = self._modality_inputs(
+                modality, raw[modality], given_embeds[modality], given_masks[modality], utterance_mask
+            )
+            projected = self.projections[modality](
+                embeds if embeds is not None else self._zeros(utterance_mask, self.config.embed_dim(modality))
+            ) * mask.unsqueeze(-1)
+            context = self.contexts[modality](projected, utterance_mask)
+            features[modality] = ModalityFeatures(utterance=projected, context=context, mask=mask)
+        for modality in MODALITIES:
+            if modality not in features and (given_embeds[modality] is not None or any(
+                v is not None for v in raw[modality].values()
+            )):
+                raise ValueError(f"{modality} inputs were given, but this model has no {modality} modality.")
+
+        present = torch.stack([f.mask for f in features.values()]).any(0)
+        if (utterance_mask & ~present).any():
+            b, u = (utterance_mask & ~present).nonzero()[0].tolist()
+            raise ValueError(f"Conversation {b}, utterance {u} has none of the model's modalities {self.config.modalities}.")
+
+        fused = self.fusion(features, utterance_mask)
+        logits = self.head.mix(fused.expert_outputs, fused.gate_weights)
+
+        loss, components = None, {}
+        if labels is not None:
+            components = self.head.losses(logits, fused, labels, utterance_mask)
+            components.update(fused.aux_losses)
+            loss = sum(
+                component * (1.0 if LOSS_WEIGHTS[name] is None else getattr(self.config, LOSS_WEIGHTS[name]))
+                for name, component in components.items()
+            )
+        return MisterEOutput(
+            loss=loss,
+            logits=logits,
+            expert_logits=fused.expert_outputs,
+            gate_weights=fused.gate_weights,
+            expert_mask=fused.expert_mask,
+            utterance_mask=utterance_mask,
+            **components,
+        )
+
+    def _zeros(self, utterance_mask: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.zeros(*utterance_mask.shape, dim, device=utterance_mask.device, dtype=self.dtype)
+
+    @staticmethod
+    def _utterance_mask(utterance_mask, raw, given_embeds) -> torch.Tensor:
+        """Validated `(B, U)` boolean utterance mask: a non-empty prefix of real utterances per conversation."""
+        if utterance_mask is None:
+            shapes = [v.shape[:2] for v in given_embeds.values() if v is not None]
+            shapes += [v.shape[:2] for group in raw.values() for v in group.values() if v is not None]
+            if not shapes:
+                raise ValueError("No inputs: give raw speech/text inputs or precomputed `speech_embeds`/`text_embeds`.")
+            device = next(v for v in [*given_embeds.values(), *(x for g in raw.values() for x in g.values())] if v is not None).device
+            return torch.ones(shapes[0], dtype=torch.bool, device=device)
+        utterance_mask = utterance_mask.bool()
+        if utterance_mask.dim() != 2:
+            raise ValueError(f"`utterance_mask` must be (batch, utterances), got shape {tuple(utterance_mask.shape)}.")
+        lengths = utterance_mask.sum(1)
+        if (lengths == 0).any():
+            raise ValueError(f"Conversation {int((lengths == 0).nonzero()[0])} of the batch has no utterances.")
+        prefix = torch.arange(utterance_mask.shape[1], device=utterance_mask.device) < lengths.unsqueeze(1)
+        if (prefix != utterance_mask).any():
+            raise ValueError("`utterance_mask` must mark each conversation's utterances first, then padding.")
+        return utterance_mask
+
+
+__all__ = ["MisterEModel", "MisterEPreTrainedModel", "MisterEOutput", "ConversationContext"]

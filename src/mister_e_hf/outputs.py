@@ -1,0 +1,81 @@
+"""Typed outputs passed between the parts of a MiSTER-E model and returned to users."""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class ModalityFeatures:
+    """One modality's representations of every utterance of a batch of conversations.
+
+    Attributes:
+        utterance: `(batch, utterances, projection_dim)` projected utterance embeddings, before any context.
+        context: `(batch, utterances, context_dim)` after the conversational context layer.
+        mask: `(batch, utterances)` bool, True where the utterance exists and has this modality.
+    """
+
+    utterance: torch.Tensor
+    context: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class FusionOutput:
+    """What a fusion gives the head.
+
+    Attributes:
+        expert_outputs: `(batch, utterances, experts, outputs)` each expert's logits (or values, for regression).
+        expert_mask: `(batch, utterances, experts)` bool, True where the expert's modalities are present.
+        gate_weights: `(batch, utterances, experts)` non-negative, summing to 1 over the available experts of each real
+            utterance and 0 for masked experts and padding utterances.
+        paired: optional `(speech, text)` pair of `(batch, utterances, dim)` representations for the contrastive loss.
+        paired_mask: `(batch, utterances)` bool, where both members of `paired` are real (required with `paired`).
+        aux_losses: extra named losses of the fusion, unweighted (the config holds their weights).
+    """
+
+    expert_outputs: torch.Tensor
+    expert_mask: torch.Tensor
+    gate_weights: torch.Tensor
+    paired: tuple[torch.Tensor, torch.Tensor] | None = None
+    paired_mask: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MisterEOutput(ModelOutput):
+    r"""
+    Output of [`MisterEModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            Total training loss: the mixture's loss plus the weighted expert, contrastive and consistency terms.
+        logits (`torch.FloatTensor` of shape `(batch, utterances, num_labels)`):
+            For classification, log-probabilities of the gate-weighted mixture of the experts' distributions
+            (`logits.softmax(-1)` is the mixture). For regression, the predicted values.
+        expert_logits (`torch.FloatTensor` of shape `(batch, utterances, experts, num_labels)`):
+            Each expert's own logits (or values); the experts' names are `model.expert_names`.
+        gate_weights (`torch.FloatTensor` of shape `(batch, utterances, experts)`):
+            The gate's weight of each expert; sums to 1 over experts for every real utterance, 0 for masked experts.
+        expert_mask (`torch.BoolTensor` of shape `(batch, utterances, experts)`):
+            True where an expert could be used (its modalities are present for that utterance).
+        utterance_mask (`torch.BoolTensor` of shape `(batch, utterances)`):
+            True for real utterances, False for padding.
+        mixture_loss, expert_loss, supcon_loss, kl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Unweighted loss components (present when `labels` are given and the component applies).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    expert_logits: torch.FloatTensor | None = None
+    gate_weights: torch.FloatTensor | None = None
+    expert_mask: torch.BoolTensor | None = None
+    utterance_mask: torch.BoolTensor | None = None
+    mixture_loss: torch.FloatTensor | None = None
+    expert_loss: torch.FloatTensor | None = None
+    supcon_loss: torch.FloatTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
+
+
+__all__ = ["ModalityFeatures", "FusionOutput", "MisterEOutput"]

@@ -1,0 +1,279 @@
+"""Processor of MiSTER-E: turns conversations of `{"audio", "sampling_rate", "text"}` utterances into model inputs."""
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import PROCESSOR_NAME, cached_file, logging
+
+
+try:  # optional: only needed to read audio files given by path
+    import soundfile
+except ImportError:  # pragma: no cover
+    soundfile = None
+
+try:  # optional: only needed when audio must be resampled
+    from scipy.signal import resample_poly
+except ImportError:  # pragma: no cover
+    resample_poly = None
+
+
+logger = logging.get_logger(__name__)
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+class ConversationInputError(ValueError):
+    """Bad input to the processor; the message names the conversation and utterance."""
+
+
+def _where(conversation: int, utterance: int | None = None) -> str:
+    return f"conversation {conversation}" + (f", utterance {utterance}" if utterance is not None else "")
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Polyphase resampling (anti-aliased) of a 1-D signal from `orig_sr` to `target_sr` Hz."""
+    if orig_sr == target_sr:
+        return audio
+    if resample_poly is None:
+        raise ImportError(f"Resampling {orig_sr} Hz audio to {target_sr} Hz needs scipy: `pip install scipy`.")
+    divisor = math.gcd(int(orig_sr), int(target_sr))
+    return resample_poly(audio, int(target_sr) // divisor, int(orig_sr) // divisor).astype(np.float32)
+
+
+class MisterEProcessor(ProcessorMixin):
+    r"""
+    Holds the speech backbone's feature extractor and the text backbone's tokenizer (either may be `None` for a
+    text-only or speech-only model) and turns a batch of conversations into everything [`MisterEModel`] needs:
+
+    ```python
+    inputs = processor(
+        conversations=[[{"audio": waveform, "sampling_rate": 16000, "text": "Hi there."}, ...], ...],
+        return_tensors="pt",
+    )
+    outputs = model(**inputs)
+    ```
+
+    Each utterance is a dict with `text` (required when there is a tokenizer) and optionally `audio` (a 1-D array, or
+    a path to an audio file) with its `sampling_rate`. An utterance without audio is marked in `speech_mask` and the
+    model's experts that need speech are masked for it. Audio is resampled to the feature extractor's rate; frames,
+    tokens, utterances and conversations are padded, with masks.
+
+    Args:
+        feature_extractor: the speech backbone's feature extractor, or `None`.
+        tokenizer: the text backbone's tokenizer, or `None`.
+        max_text_length: truncate each utterance's text to this many tokens (`None`: no truncation).
+    """
+
+    attributes = ["feature_extractor", "tokenizer"]
+
+    def __init__(self, feature_extractor=None, tokenizer=None, max_text_length: int | None = 256, **kwargs):
+        # ProcessorMixin.__init__ requires every sub-processor; a MiSTER-E model may lack a modality, so this
+        # processor accepts None for either and checks the types itself.
+        self.chat_template = None
+        if feature_extractor is not None and not isinstance(feature_extractor, SequenceFeatureExtractor):
+            raise TypeError(f"`feature_extractor` must be an audio feature extractor, got {type(feature_extractor).__name__}.")
+        if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"`tokenizer` must be a tokenizer, got {type(tokenizer).__name__}.")
+        if feature_extractor is None and tokenizer is None:
+            raise ValueError("A MisterEProcessor needs a feature extractor, a tokenizer, or both.")
+        if tokenizer is not None and tokenizer.pad_token is None:
+            # decoder-only LMs often ship without a padding token; padding positions are masked anyway
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+
+    @classmethod
+    def from_backbones(
+        cls, speech_model_name_or_path: str | None = None, text_model_name_or_path: str | None = None, **kwargs
+    ) -> "MisterEProcessor":
+        """The processor matching [`MisterEModel.from_backbones`] (same Hub ids or folders)."""
+        feature_extractor = (
+            AutoFeatureExtractor.from_pretrained(speech_model_name_or_path) if speech_model_name_or_path else None
+        )
+        tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path) if text_model_name_or_path else None
+        return cls(feature_extractor=feature_extractor, tokenizer=tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- save and load
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Writes `processor_config.json` (with the feature extractor and an `auto_map`), the tokenizer files, and
+        this file's code, so that `AutoProcessor.from_pretrained(..., trust_remote_code=True)` works anywhere.
+        With `push_to_hub=True` the same files are then uploaded to `repo_id` (default: the folder's name)."""
+        os.makedirs(save_directory, exist_ok=True)
+        here = Path(__file__)
+        for source in [here, *map(Path, get_relative_import_files(here))]:
+            shutil.copyfile(source, Path(save_directory) / source.name)
+        self.auto_map = {"AutoProcessor": f"{here.stem}.{type(self).__name__}"}
+        if self.tokenizer is not None:
+            self.tokenizer._set_processor_class(type(self).__name__)
+            self.tokenizer.save_pretrained(save_directory)
+        output_file = os.path.join(save_directory, PROCESSOR_NAME)
+        self.to_json_file(output_file)
+        if push_to_hub:
+            hub_options = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
+            repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+            self.push_to_hub(repo_id, **{k: v for k, v in kwargs.items() if k in hub_options})
+        return [output_file]
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Loads the feature extractor and the tokenizer where the saved processor has them, `None` otherwise."""
+        processor_dict = processor_dict or {}
+        kwargs.pop("_from_auto", None)
+        feature_extractor = None
+        if processor_dict.get("feature_extractor") is not None:
+            feature_extractor = AutoFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        has_tokenizer = cached_file(
+            pretrained_model_name_or_path, TOKENIZER_CONFIG_FILE, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs) if has_tokenizer else None
+        return [feature_extractor, tokenizer]
+
+    # ------------------------------------------------------------------------------------------------- inputs
+    @property
+    def model_input_names(self) -> list[str]:
+        names = ["utterance_mask"]
+        if self.feature_extractor is not None:
+            names += [self.feature_extractor.model_input_names[0], "speech_attention_mask", "speech_mask"]
+        if self.tokenizer is not None:
+            names += ["input_ids", "text_attention_mask", "text_mask"]
+        return names
+
+    def _load_audio(self, utterance: dict, where: str) -> np.ndarray:
+        audio = utterance["audio"]
+        sampling_rate = utterance.get("sampling_rate")
+        if isinstance(audio, (str, os.PathLike)):
+            if soundfile is None:
+                raise ImportError("Reading audio files needs soundfile: `pip install soundfile`.")
+            try:
+                audio, file_rate = soundfile.read(audio, dtype="float32", always_2d=True)
+            except Exception as error:
+                raise ConversationInputError(f"{where}: cannot decode audio file {utterance['audio']!r}: {error}") from None
+            audio = audio.mean(axis=1)  # files may be stereo: mix down to mono
+            if sampling_rate is not None and sampling_rate != file_rate:
+                raise ConversationInputError(
+                    f"{where}: `sampling_rate`={sampling_rate} disagrees with the file's {file_rate} Hz."
+                )
+            sampling_rate = file_rate
+        audio = np.asarray(audio)
+        if audio.ndim != 1:
+            raise ConversationInputError(f"{where}: audio must be 1-D (mono samples), got shape {audio.shape}.")
+        if not np.issubdtype(audio.dtype, np.number) or audio.size == 0:
+            raise ConversationInputError(f"{where}: audio must be a non-empty numeric array, got dtype {audio.dtype}.")
+        if not np.isfinite(audio).all():
+            raise ConversationInputError(f"{where}: audio holds NaN or infinite samples.")
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
+            raise ConversationInputError(f"{where}: audio needs its `sampling_rate` in Hz, got {sampling_rate!r}.")
+        if not sampling_rate > 0 or not float(sampling_rate).is_integer():
+            raise ConversationInputError(f"{where}: `sampling_rate` must be a positive whole number of Hz, got {sampling_rate}.")
+        return resample(audio.astype(np.float32), int(sampling_rate), self.feature_extractor.sampling_rate)
+
+    def _check_conversations(self, conversations) -> None:
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ConversationInputError("`conversations` must be a non-empty list of conversations.")
+        if isinstance(conversations[0], dict):
+            raise ConversationInputError("`conversations` must be a list of conversations (lists of utterance dicts).")
+        for b, conversation in enumerate(conversations):
+            if not isinstance(conversation, (list, tuple)):
+                raise ConversationInputError(f"{_where(b)} must be a list of utterances, got {type(conversation).__name__}.")
+            if not conversation:
+                raise ConversationInputError(f"{_where(b)} is empty.")
+            for u, utterance in enumerate(conversation):
+                if not isinstance(utterance, dict):
+                    raise ConversationInputError(f"{_where(b, u)} must be a dict, got {type(utterance).__name__}.")
+                text = utterance.get("text")
+                if self.tokenizer is not None and not isinstance(text, str):
+                    raise ConversationInputError(
+                        f"{_where(b, u)} has no text (got {text!r}); this model has a text backbone and needs a "
+                        "transcript for every utterance."
+                    )
+                has_audio = utterance.get("audio") is not None
+                if self.tokenizer is None and self.feature_extractor is not None and not has_audio:
+                    raise ConversationInputError(f"{_where(b, u)} has no audio; this model has only a speech backbone.")
+
+    def __call__(self, conversations=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """Pads a batch of conversations into model inputs.
+
+        Returns a [`BatchFeature`] with `utterance_mask` `(B, U)` and, per modality the processor has:
+        speech: `input_values` `(B, U, samples)` or `input_features` `(B, U, mels, frames)`,
+        `speech_attention_mask` and `speech_mask` `(B, U)`; text: `input_ids`, `text_attention_mask` `(B, U, tokens)`
+        and `text_mask` `(B, U)`.
+        """
+        if kwargs:
+            raise TypeError(f"Unexpected arguments {sorted(kwargs)}; pass `conversations=[[utterance, ...], ...]`.")
+        self._check_conversations(conversations)
+        batch, turns = len(conversations), max(len(c) for c in conversations)
+        utterance_mask = np.zeros((batch, turns), dtype=np.int64)
+        for b, conversation in enumerate(conversations):
+            utterance_mask[b, : len(conversation)] = 1
+        data = {"utterance_mask": utterance_mask}
+        if self.feature_extractor is not None:
+            data.update(self._speech_inputs(conversations, batch, turns))
+        if self.tokenizer is not None:
+            data.update(self._text_inputs(conversations, batch, turns))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _speech_inputs(self, conversations, batch: int, turns: int) -> dict[str, np.ndarray]:
+        positions, waveforms = [], []
+        for b, conversation in enumerate(conversations):
+            for u, utterance in enumerate(conversation):
+                if utterance.get("audio") is not None:
+                    positions.append((b, u))
+                    waveforms.append(self._load_audio(utterance, _where(b, u)))
+        input_name = self.feature_extractor.model_input_names[0]
+        speech_mask = np.zeros((batch, turns), dtype=np.int64)
+        if not waveforms:
+            return {"speech_mask": speech_mask}
+        options = {"padding": True} if input_name == "input_values" else {}
+        limit = getattr(self.feature_extractor, "n_samples", None)
+        if limit is not None and max(len(w) for w in waveforms) > limit:
+            logger.warning(f"Some utterances are longer than the feature extractor's {limit} samples and are truncated.")
+        features = self.feature_extractor(
+            waveforms,
+            sampling_rate=self.feature_extractor.sampling_rate,
+            return_attention_mask=True,
+            return_tensors="np",
+            **options,
+        )
+        values, mask = np.asarray(features[input_name]), np.asarray(features["attention_mask"])
+        padded = np.zeros((batch, turns, *values.shape[1:]), dtype=np.float32)
+        padded_mask = np.zeros((batch, turns, mask.shape[-1]), dtype=np.int64)
+        rows, cols = np.array(positions).T
+        padded[rows, cols], padded_mask[rows, cols], speech_mask[rows, cols] = values, mask, 1
+        return {input_name: padded, "speech_attention_mask": padded_mask, "speech_mask": speech_mask}
+
+    def _text_inputs(self, conversations, batch: int, turns: int) -> dict[str, np.ndarray]:
+        texts = [utterance["text"] for conversation in conversations for utterance in conversation]
+        encoded = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=self.max_text_length is not None,
+            max_length=self.max_text_length,
+            padding_side="right",
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        length = encoded["input_ids"].shape[1]
+        input_ids = np.full((batch, turns, length), self.tokenizer.pad_token_id, dtype=np.int64)
+        attention = np.zeros((batch, turns, length), dtype=np.int64)
+        text_mask = np.zeros((batch, turns), dtype=np.int64)
+        row = 0
+        for b, conversation in enumerate(conversations):
+            n = len(conversation)
+            input_ids[b, :n], attention[b, :n] = encoded["input_ids"][row : row + n], encoded["attention_mask"][row : row + n]
+            text_mask[b, :n] = 1
+            row += n
+        return {"input_ids": input_ids, "text_attention_mask": attention, "text_mask": text_mask}
+
+
+__all__ = ["MisterEProcessor", "ConversationInputError", "resample"]

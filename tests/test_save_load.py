@@ -1,0 +1,92 @@
+"""Save -> load through the Auto classes, and through `trust_remote_code=True` where the package cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_conversations, random_labels
+from transformers import AutoConfig, AutoModel, AutoProcessor
+
+from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor
+
+
+PAIRS = [("wav2vec2", "bert"), ("whisper", "llama"), (None, "roberta"), ("hubert", None)]
+
+
+@pytest.mark.parametrize("speech,text", PAIRS)
+def test_auto_classes_round_trip(build, tmp_path, speech, text):
+    model, processor = build(speech, text)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_mister_e.MisterEConfig",
+        "AutoModel": "modeling_mister_e.MisterEModel",
+        "AutoProcessor": "processing_mister_e.MisterEProcessor",
+    }
+    assert {"configuration_mister_e.py", "modeling_mister_e.py", "processing_mister_e.py"} <= set(files)
+
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MisterEConfig)
+    loaded, loaded_processor = AutoModel.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is MisterEModel and type(loaded_processor) is MisterEProcessor
+    conversations = make_conversations([3, 2], seed=21, with_audio=speech is not None)
+    inputs = processor(conversations=conversations)
+    with torch.no_grad():
+        expected = model(**inputs, labels=random_labels(inputs))
+        actual = loaded.eval()(**loaded_processor(conversations=conversations), labels=random_labels(inputs))
+    assert torch.equal(actual.logits, expected.logits)
+    assert torch.equal(actual.loss, expected.loss)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["mister_e_hf"] = None  # this Python has transformers but cannot import the package
+    try:
+        import mister_e_hf
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the package was importable")
+    import torch
+    from transformers import AutoModel, AutoProcessor
+    folder, conversations = sys.argv[1], json.load(open(sys.argv[2]))
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        logits = model(**processor(conversations=conversations)).logits
+    print(json.dumps({"logits": logits.tolist(), "class": type(model).__name__, "processor": type(processor).__name__}))
+    """
+)
+
+
+@pytest.mark.parametrize("speech,text", [("wav2vec2", "bert"), ("whisper", "llama")])
+def test_trust_remote_code_in_a_fresh_process_without_the_package(build, tmp_path, speech, text):
+    model, processor = build(speech, text)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    conversations = make_conversations([2, 1], seed=22)
+    for conversation in conversations:
+        for utterance in conversation:
+            utterance["audio"] = utterance["audio"].tolist()
+    (tmp_path / "conversations.json").write_text(json.dumps(conversations))
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "conversations.json")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["class"] == "MisterEModel" and remote["processor"] == "MisterEProcessor"
+    with torch.no_grad():
+        expected = model(**processor(conversations=conversations)).logits
+    np.testing.assert_array_equal(np.array(remote["logits"], dtype=np.float32), expected.numpy())
