@@ -1,0 +1,75 @@
+"""Batches conversation rows into model inputs: raw audio and text through the processor, or cached embeddings."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .common import UNLABELLED
+
+
+EMBEDDING_MODALITIES = ("speech", "text")
+
+
+@dataclass
+class DataCollatorForConversations:
+    """Collates rows of a conversation dataset (`texts`, `audio`, `labels`, ...) for [`MisterEModel`].
+
+    Rows that carry cached embeddings (`speech_embeds` / `text_embeds` with `speech_present` / `text_present`, as
+    written by `cache.add_cached_embeddings`) are batched in embeddings mode, without touching audio or text. Other
+    rows go through the processor (audio paths are decoded there). Labels become `(batch, utterances)` ids with -100
+    for padding and unlabelled utterances.
+
+    Args:
+        processor: a [`MisterEProcessor`]; needed for rows without cached embeddings.
+        label_column: the per-turn label column.
+    """
+
+    processor: object | None = None
+    label_column: str = "labels"
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        turns = max(len(row["texts"]) for row in rows)
+        utterance_mask = torch.zeros(len(rows), turns, dtype=torch.long)
+        for b, row in enumerate(rows):
+            utterance_mask[b, : len(row["texts"])] = 1
+        cached = [m for m in EMBEDDING_MODALITIES if f"{m}_embeds" in rows[0]]
+        if cached:
+            batch = {"utterance_mask": utterance_mask}
+            for modality in cached:
+                batch[f"{modality}_embeds"], batch[f"{modality}_mask"] = self._stack_embeddings(rows, modality, turns)
+        else:
+            if self.processor is None:
+                raise ValueError("Rows without cached embeddings need a processor to collate raw audio and text.")
+            conversations = [
+                [
+                    {"text": text, "audio": audio}
+                    for text, audio in zip(row["texts"], row.get("audio") or [None] * len(row["texts"]))
+                ]
+                for row in rows
+            ]
+            batch = dict(self.processor(conversations=conversations, return_tensors="pt"))
+        if self.label_column in rows[0]:
+            batch["labels"] = self._labels(rows, turns)
+        return batch
+
+    @staticmethod
+    def _stack_embeddings(rows, modality, turns):
+        dim = next(len(vector) for row in rows for vector in row[f"{modality}_embeds"])
+        embeds = np.zeros((len(rows), turns, dim), dtype=np.float32)
+        present = np.zeros((len(rows), turns), dtype=np.int64)
+        for b, row in enumerate(rows):
+            n = len(row[f"{modality}_embeds"])
+            embeds[b, :n] = np.asarray(row[f"{modality}_embeds"], dtype=np.float32)
+            present[b, :n] = np.asarray(row[f"{modality}_present"], dtype=np.int64)
+        return torch.from_numpy(embeds), torch.from_numpy(present)
+
+    def _labels(self, rows, turns) -> torch.Tensor:
+        labels = torch.full((len(rows), turns), -100, dtype=torch.long)
+        for b, row in enumerate(rows):
+            values = torch.tensor(row[self.label_column], dtype=torch.long)
+            labels[b, : len(values)] = values.masked_fill(values == UNLABELLED, -100)
+        return labels
+
+
+__all__ = ["DataCollatorForConversations"]

@@ -1,0 +1,78 @@
+"""MELD: the official `{train,dev,test}_sent_emo.csv`, optionally with audio clips from MELD.Raw.
+
+MELD.Raw ships video clips (`dia{D}_utt{U}.mp4`); give `audio_dir` a folder of audio files with the same stems
+(e.g. made with `ffmpeg -i dia0_utt0.mp4 -ac 1 -ar 16000 dia0_utt0.wav`), either flat or in per-split folders named
+like the official ones. Utterances whose clip is absent keep their text and are marked as having no audio.
+"""
+
+import csv
+from pathlib import Path
+
+from datasets import DatasetDict, Value
+
+from .common import DataReport, build_split, find_audio, require_file
+
+
+LAYOUT = """<data_dir>/
+  train_sent_emo.csv  dev_sent_emo.csv  test_sent_emo.csv
+  (columns: Sr No., Utterance, Speaker, Emotion, Sentiment, Dialogue_ID, Utterance_ID, Season, Episode, ...)"""
+
+SPLITS = {"train": "train", "validation": "dev", "test": "test"}
+AUDIO_FOLDERS = {
+    "train": ["train", "train_splits"],
+    "validation": ["dev", "dev_splits_complete", "dev_splits"],
+    "test": ["test", "output_repeated_splits_test", "test_splits"],
+}
+EMOTIONS = ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"]
+SENTIMENTS = ["negative", "neutral", "positive"]
+
+
+def _audio_folders(audio_dir: Path, split: str) -> list[Path]:
+    return [audio_dir / name for name in AUDIO_FOLDERS[split] if (audio_dir / name).is_dir()] + [audio_dir]
+
+
+def load_meld(
+    data_dir: str | Path,
+    audio_dir: str | Path | None = None,
+    label_column: str = "emotion",
+    skip_invalid: bool = False,
+    **_,
+) -> tuple[DatasetDict, DataReport]:
+    """MELD with `label_column` `emotion` (7 classes) or `sentiment` (3); the other one is kept as metadata."""
+    data_dir = Path(data_dir)
+    if label_column not in ("emotion", "sentiment"):
+        raise ValueError(f"MELD labels are 'emotion' or 'sentiment', got {label_column!r}.")
+    label_names = EMOTIONS if label_column == "emotion" else SENTIMENTS
+    other = "sentiment" if label_column == "emotion" else "emotion"
+    report = DataReport()
+    splits = {}
+    for split, name in SPLITS.items():
+        path = require_file(data_dir / f"{name}_sent_emo.csv", LAYOUT)
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        folders = _audio_folders(Path(audio_dir), split) if audio_dir is not None else []
+        records, no_audio = [], 0
+        for row in rows:
+            dialogue, utterance = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
+            audio = None
+            for folder in folders:
+                if (audio := find_audio(folder, f"dia{dialogue}_utt{utterance}")) is not None:
+                    break
+            no_audio += audio_dir is not None and audio is None
+            records.append(
+                {
+                    "conversation_id": f"{split}-dia{dialogue}",
+                    "turn": utterance,
+                    "text": row["Utterance"],
+                    "audio": audio,
+                    "label": row[label_column.capitalize()].strip().lower(),
+                    "speaker": row["Speaker"],  # metadata only: never a model input
+                    other: row[other.capitalize()].strip().lower(),
+                }
+            )
+        if no_audio:
+            report.note(f"{split}: {no_audio} of {len(records)} utterances have no audio clip; kept as text-only")
+        metadata = {"speaker": Value("string"), other: Value("string")}
+        splits[split] = build_split(records, split, label_names, report, metadata, skip_invalid=skip_invalid,
+                                    missing_turns="allow", source=str(path))
+    return DatasetDict(splits), report
