@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Train, evaluate and save MiSTER-E on an Emotion Recognition in Conversations corpus.
+
+    python examples/run_erc.py --dataset meld --data_dir ../shared/data/meld \
+        --text_model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --freeze_backbones \
+        --output_dir runs/meld-text
+
+Arguments may also come as one JSON or YAML file: `python examples/run_erc.py args.yaml`.
+
+With frozen backbones, utterance embeddings are computed once into an embedding cache (keyed by backbone weights,
+pooling, processor settings and data) and the context layers, experts and gate train on them; the saved model still
+holds its backbones and runs on raw audio and text. Runs resume from the last checkpoint in `output_dir`.
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import transformers
+from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from mister_e_hf import MisterEModel, MisterEProcessor
+from mister_e_hf.cache import add_cached_embeddings
+from mister_e_hf.data import DataCollatorForConversations, load_corpus
+from mister_e_hf.finetuning import finetune_backbone
+from mister_e_hf.metrics import load_erc_metric
+from mister_e_hf.modelcard import write_model_card
+from mister_e_hf.plotting import plot_confusion_matrix, plot_gate_weights_by_class
+from mister_e_hf.trainer import MisterETrainer, build_compute_metrics, flatten_predictions
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    speech_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Speech backbone: a Hub id or a local folder (any transformers audio encoder)."}
+    )
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Text backbone: a Hub id or a local folder (an encoder or a decoder-only LM)."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from a saved MiSTER-E model instead of fresh layers on backbones."}
+    )
+    freeze_backbones: bool = field(
+        default=False, metadata={"help": "Keep both backbones fixed and train on cached utterance embeddings."}
+    )
+    backbone_finetuning: str = field(
+        default="none",
+        metadata={"help": "Fine-tune the backbones at the utterance level before caching.",
+                  "choices": ["none", "full", "lora"]},
+    )
+    finetuning_epochs: float = field(default=2.0, metadata={"help": "Epochs of utterance-level backbone fine-tuning."})
+    finetuning_learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of backbone fine-tuning."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "MisterEConfig settings, e.g. 'projection_dim=128,dropout=0.3,supcon_weight=0'."},
+    )
+    embedding_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the embedding cache (default ~/.cache/mister_e_hf/embeddings)."}
+    )
+    extraction_batch_size: int = field(default=16, metadata={"help": "Utterances per backbone call when caching."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        metadata={"help": "Corpus loader.", "choices": ["meld", "iemocap", "mosi", "emodb", "manifest"]}
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "The corpus folder. Default: $MISTER_E_DATA/<dataset> when MISTER_E_DATA is set."},
+    )
+    audio_dir: str | None = field(default=None, metadata={"help": "MELD: folder of audio clips dia{D}_utt{U}.*"})
+    label_set: str | None = field(
+        default=None,
+        metadata={"help": "meld: emotion|sentiment; iemocap: 4|6; mosi: binary|binary-non0|7."},
+    )
+    fold: int | None = field(default=None, metadata={"help": "iemocap: test session 1-5; emodb: speaker fold 0-4."})
+    emodb_validation: bool = field(
+        default=True, metadata={"help": "emodb: hold out the next speaker fold for model selection."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "manifest: training CSV/JSONL."})
+    validation_file: str | None = field(default=None, metadata={"help": "manifest: validation CSV/JSONL."})
+    test_file: str | None = field(default=None, metadata={"help": "manifest: test CSV/JSONL."})
+    manifest_labels: str | None = field(default=None, metadata={"help": "manifest: comma-separated label set, in order."})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Leave out (and report) utterances with bad labels or audio instead of failing."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training conversations."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation conversations."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Keep only this many test conversations."})
+
+
+@dataclass
+class ErcTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults suited to training on conversations."""
+
+    num_train_epochs: float = field(default=20.0, metadata={"help": "Total number of training epochs."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Conversations per training batch."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Conversations per evaluation batch."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
+    logging_strategy: str = field(default="epoch", metadata={"help": "When to log."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints to keep."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best checkpoint on validation."})
+    metric_for_best_model: str | None = field(default="weighted_f1", metadata={"help": "Model selection metric."})
+    train_sampling_strategy: str = field(default="group_by_length", metadata={"help": "Batch similar lengths."})
+    length_column_name: str = field(default="num_turns", metadata={"help": "Column with each conversation's length."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "The collator picks its own columns."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a fraction (< 1) of all steps."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement."}
+    )
+
+
+def parse_arguments():
+    parser = HfArgumentParser((ModelArguments, DataArguments, ErcTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def parse_overrides(text: str | None) -> dict:
+    """'a=1,b=0.5,c=true,d=[1,3]' -> {'a': 1, 'b': 0.5, 'c': True, 'd': [1, 3]} (values parsed as JSON when they can be)."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"config_overrides entries are key=value, got {item!r}.")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def load_data(data_args: DataArguments):
+    data_dir = data_args.data_dir
+    if data_dir is None and os.environ.get("MISTER_E_DATA") and data_args.dataset != "manifest":
+        data_dir = str(Path(os.environ["MISTER_E_DATA"]) / data_args.dataset)
+    if data_dir is None and data_args.dataset != "manifest":
+        raise ValueError(f"Give --data_dir (the {data_args.dataset} folder) or set MISTER_E_DATA.")
+    options = {"data_dir": data_dir, "skip_invalid": data_args.skip_invalid}
+    if data_args.dataset == "meld":
+        options.update(audio_dir=data_args.audio_dir, label_column=data_args.label_set or "emotion")
+    elif data_args.dataset == "iemocap":
+        options.update(label_set=data_args.label_set or "4", fold=data_args.fold or 1)
+    elif data_args.dataset == "mosi":
+        options.update(label_set=data_args.label_set or "binary")
+    elif data_args.dataset == "emodb":
+        options.update(fold=data_args.fold or 0, validation=data_args.emodb_validation)
+    else:
+        options.update(train_file=data_args.train_file, validation_file=data_args.validation_file,
+                       test_file=data_args.test_file,
+                       label_names=data_args.manifest_labels.split(",") if data_args.manifest_labels else None)
+    datasets, report = load_corpus(data_args.dataset, **options)
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
+                         ("test", data_args.max_test_samples)):
+        if limit is not None and split in datasets:
+            datasets[split] = datasets[split].select(range(min(limit, len(datasets[split]))))
+    return datasets, report
+
+
+def build_model(model_args: ModelArguments, label_names: list[str]):
+    if model_args.model_name_or_path:
+        model = MisterEModel.from_pretrained(model_args.model_name_or_path)
+        processor = MisterEProcessor.from_pretrained(model_args.model_name_or_path)
+        if [model.config.id2label[i] for i in range(model.config.num_labels)] != label_names:
+            raise ValueError(f"{model_args.model_name_or_path} predicts {list(model.config.id2label.values())}, "
+                             f"the data has {label_names}.")
+        return model, processor
+    if not model_args.speech_model_name_or_path and not model_args.text_model_name_or_path:
+        raise ValueError("Give --speech_model_name_or_path and/or --text_model_name_or_path (or --model_name_or_path).")
+    frozen = model_args.freeze_backbones or model_args.backbone_finetuning != "none"
+    model = MisterEModel.from_backbones(
+        model_args.speech_model_name_or_path,
+        model_args.text_model_name_or_path,
+        freeze_speech_backbone=frozen,
+        freeze_text_backbone=frozen,
+        id2label=dict(enumerate(label_names)),
+        **parse_overrides(model_args.config_overrides),
+    )
+    processor = MisterEProcessor.from_backbones(model_args.speech_model_name_or_path, model_args.text_model_name_or_path)
+    return model, processor
+
+
+def evaluate_split(trainer, dataset, split, label_names, expert_names, output_dir):
+    """Metrics of one split under `<split>_` names, with a confusion-matrix PNG and mean gate weights per class."""
+    prediction = trainer.predict(dataset, metric_key_prefix=split)
+    predicted, true, probabilities, gates = flatten_predictions(prediction.predictions, prediction.label_ids)
+    metrics = dict(prediction.metrics)
+    extra = {}
+    if "score" in dataset.column_names:  # CMU-MOSI: binary accuracy/F1 (has-0, non-0), MAE and Pearson of the score
+        scores = np.array([s for row, labels in zip(dataset["score"], dataset["labels"])
+                           for s, label in zip(row, labels) if label != -1], dtype=np.float64)
+        extra = {"scores": scores, "predicted_scores": predicted_scores(probabilities, label_names)}
+    detailed = load_erc_metric().compute(predictions=predicted, references=true, label_names=label_names, **extra)
+    matrix = detailed.pop("confusion_matrix")
+    metrics.update({f"{split}_{k}": v for k, v in detailed.items()})
+    plot_confusion_matrix(matrix, label_names, Path(output_dir) / f"confusion_matrix_{split}.png",
+                          title=f"{split}: weighted F1 {100 * detailed['weighted_f1']:.1f}")
+    plot_gate_weights_by_class(gates, true, label_names, expert_names, Path(output_dir) / f"gate_weights_{split}.png",
+                               title=f"{split}: mean gate weight by true class")
+    (Path(output_dir) / f"confusion_matrix_{split}.json").write_text(
+        json.dumps({"labels": label_names, "matrix": matrix}, indent=1) + "\n")
+    return metrics
+
+
+def predicted_scores(probabilities: np.ndarray, label_names: list[str]) -> np.ndarray:
+    """A sentiment score per utterance: the expected class value for numeric labels ('-3'..'3'), else
+    P(positive) - P(negative) scaled to [-3, 3] for binary labels."""
+    try:
+        values = np.array([float(name) for name in label_names])
+    except ValueError:
+        values = np.array([3.0 if "pos" in name else -3.0 for name in label_names])
+    return probabilities @ values
+
+
+def main():
+    model_args, data_args, training_args = parse_arguments()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # one upload at the end, not per save
+
+    last_checkpoint = get_last_checkpoint(str(output_dir))
+    resume = training_args.resume_from_checkpoint or last_checkpoint
+    if resume:
+        logger.info(f"Resuming from {resume}")
+
+    datasets, report = load_data(data_args)
+    report.save(output_dir / "data_report.json")
+    logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
+    label_names = datasets["train"].features["labels"].feature.names
+
+    model, processor = build_model(model_args, label_names)
+    if model_args.backbone_finetuning != "none":
+        for modality in model.config.modalities:
+            finetune_backbone(model, processor, modality, datasets, method=model_args.backbone_finetuning,
+                              epochs=model_args.finetuning_epochs, learning_rate=model_args.finetuning_learning_rate,
+                              lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                              output_dir=output_dir / f"finetuning-{modality}", seed=training_args.seed)
+
+    timings = {}
+    cached = all(getattr(model.config, f"freeze_{m}_backbone") for m in model.config.modalities)
+    if cached:
+        start = time.perf_counter()
+        datasets, stats = add_cached_embeddings(model, processor, datasets, model_args.embedding_cache_dir,
+                                                model_args.extraction_batch_size)
+        timings = {"embedding_seconds": round(time.perf_counter() - start, 2),
+                   "embedding_cache_hits": len(stats.hits), "embedding_cache_misses": len(stats.misses),
+                   "utterances_embedded": stats.utterances_embedded}
+        logger.info(f"Embedding cache: {timings}")
+
+    callbacks = []
+    if training_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
+    has_validation = "validation" in datasets
+    if not has_validation:
+        training_args.eval_strategy, training_args.load_best_model_at_end = "no", False
+    trainer = MisterETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("validation"),
+        data_collator=DataCollatorForConversations(processor),
+        processing_class=processor,
+        compute_metrics=build_compute_metrics(label_names, model.expert_names),
+        callbacks=callbacks,
+    )
+
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2)}
+    trainer.save_model()  # model + processor, with code and auto_map
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+
+    results = {}
+    for split in ("validation", "test"):
+        if split in datasets:
+            prefix = "eval" if split == "validation" else "test"
+            metrics = evaluate_split(trainer, datasets[split], prefix, label_names, model.expert_names, output_dir)
+            trainer.save_metrics(prefix, metrics)
+            results.update(metrics)
+    logger.info("Results: " + json.dumps({k: v for k, v in results.items() if "f1" in k or "acc" in k}, indent=1))
+
+    write_model_card(output_dir, model, dataset=data_args.dataset, label_names=label_names, results=results,
+                     training_args=training_args, data_report=report)
+    if push_to_hub:
+        from huggingface_hub import upload_folder
+
+        repo_id = training_args.hub_model_id or output_dir.name
+        upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "runs/*"],
+                      commit_message="Upload MiSTER-E model, processor, code and card", token=training_args.hub_token)
+        logger.info(f"Pushed to {repo_id}")
+
+
+if __name__ == "__main__":
+    main()

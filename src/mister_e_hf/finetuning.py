@@ -1,0 +1,96 @@
+"""Optional utterance-level fine-tuning of a backbone (full or LoRA) before its embeddings are cached.
+
+The backbone, its pooling and a linear classifier learn the utterance labels of the training split (each utterance
+on its own, no context). LoRA adapters are merged back into the backbone's weights afterwards, so the MiSTER-E model
+keeps a plain transformers backbone that saves and loads like any other; the backbone is then frozen again. The
+embedding cache keys on the backbone's weights, so fine-tuned embeddings never mix with earlier ones.
+"""
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .data.common import UNLABELLED
+
+
+class UtteranceClassifier(nn.Module):
+    """A MiSTER-E model's backbone of one modality, its pooling, and a linear layer over the labels."""
+
+    def __init__(self, model, modality: str, num_labels: int):
+        super().__init__()
+        self.model, self.modality = model, modality
+        self.classifier = nn.Linear(model.config.embed_dim(modality), num_labels)
+
+    def forward(self, labels=None, **inputs):
+        mask = torch.ones(inputs["utterance_mask"].shape, dtype=torch.bool, device=inputs["utterance_mask"].device)
+        names = ("input_values", "input_features", "speech_attention_mask") if self.modality == "speech" else (
+            "input_ids", "text_attention_mask")
+        embeds = self.model.embed_utterances(self.modality, mask, **{k: inputs[k] for k in names if k in inputs})
+        logits = self.classifier(embeds[:, 0])
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def _utterances(dataset: Dataset, modality: str) -> list[dict]:
+    return [
+        {"text": text, "audio": audio, "label": label}
+        for row in dataset
+        for text, audio, label in zip(row["texts"], row["audio"], row["labels"])
+        if label != UNLABELLED and (audio if modality == "speech" else text) is not None
+    ]
+
+
+def finetune_backbone(model, processor, modality: str, datasets, method: str = "lora", epochs: float = 2.0,
+                      learning_rate: float = 2e-5, lora_r: int = 8, lora_alpha: int = 16, batch_size: int = 8,
+                      output_dir: str = "finetuning", seed: int = 0) -> dict:
+    """Fine-tunes `model`'s `modality` backbone in place on the utterances of `datasets["train"]`; returns the
+    training metrics. `method` is `"full"` (every backbone weight) or `"lora"` (low-rank adapters, merged after)."""
+    if method not in ("full", "lora"):
+        raise ValueError(f"Backbone fine-tuning is 'full' or 'lora', got {method!r}.")
+    backbone = getattr(model, f"{modality}_backbone")
+    if backbone is None:
+        raise ValueError(f"The model has no {modality} backbone to fine-tune.")
+    train = _utterances(datasets["train"], modality)
+    if not train:
+        raise ValueError(f"No labelled {modality} utterances in the training split to fine-tune on.")
+    freeze_flag = f"freeze_{modality}_backbone"
+    frozen = getattr(model.config, freeze_flag)
+    setattr(model.config, freeze_flag, False)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        adapted = get_peft_model(backbone, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear"))
+        setattr(model, f"{modality}_backbone", adapted)
+    else:
+        backbone.requires_grad_(True)
+
+    classifier = UtteranceClassifier(model, modality, model.config.num_labels)
+    for name, parameter in model.named_parameters():  # only the backbone (or its adapters) and the classifier learn
+        if not name.startswith(f"{modality}_backbone."):
+            parameter.requires_grad_(False)
+
+    def collate(items):
+        batch = dict(processor(conversations=[[{"text": i["text"], "audio": i["audio"]}] for i in items]))
+        batch["labels"] = torch.tensor([i["label"] for i in items])
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, save_strategy="no", logging_strategy="epoch", report_to="none",
+        remove_unused_columns=False, seed=seed, warmup_steps=0.1,
+    )
+    trainer = Trainer(model=classifier, args=args, train_dataset=Dataset.from_list(train), data_collator=collate)
+    metrics = trainer.train().metrics
+
+    if method == "lora":
+        setattr(model, f"{modality}_backbone", getattr(model, f"{modality}_backbone").merge_and_unload())
+    setattr(model.config, freeze_flag, frozen)
+    for name, parameter in model.named_parameters():  # back to the model's own freezing
+        backbone_of = next((m for m in model.config.modalities if name.startswith(f"{m}_backbone.")), None)
+        parameter.requires_grad_(backbone_of is None or not getattr(model.config, f"freeze_{backbone_of}_backbone"))
+    model.eval()
+    return metrics
+
+
+__all__ = ["finetune_backbone", "UtteranceClassifier"]

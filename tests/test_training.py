@@ -1,0 +1,190 @@
+"""Training end to end: collator, embedding cache, MisterETrainer, examples/run_erc.py (results, resume after a kill)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from helpers import REPO_ROOT, speech_config, text_config
+from transformers import AutoModel, BertModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from mister_e_hf import MisterEModel, MisterEProcessor
+from mister_e_hf.cache import EmbeddingCache, add_cached_embeddings
+from mister_e_hf.data import DataCollatorForConversations, load_corpus
+
+
+EMOTIONS = ["calm", "happy", "angry"]
+CUES = {"calm": ("fine", 220.0), "happy": ("great", 440.0), "angry": ("terrible", 880.0)}
+
+
+def write_corpus(folder: Path, conversations: int = 12, seed: int = 0) -> Path:
+    """A manifest corpus whose labels show in both the words and the pitch of each utterance."""
+    rng = np.random.default_rng(seed)
+    (folder / "wav").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", conversations), ("validation", 3), ("test", 3)):
+        lines = []
+        for c in range(count):
+            for turn in range(int(rng.integers(2, 5))):
+                label = EMOTIONS[int(rng.integers(0, 3))]
+                word, pitch = CUES[label]
+                seconds = float(rng.uniform(0.3, 0.6))
+                t = np.arange(int(16000 * seconds)) / 16000
+                audio = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.01 * rng.standard_normal(len(t))
+                name = f"wav/{split}-{c}-{turn}.wav"
+                soundfile.write(folder / name, audio.astype(np.float32), 16000)
+                lines.append({"conversation_id": f"{split}{c}", "turn": turn, "text": f"oh {word} today",
+                              "audio": name, "label": label, "speaker": "A" if turn % 2 else "B"})
+        with open(folder / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_backbones(tmp_path_factory, tokenizer):
+    """Two tiny random backbones saved like Hub checkpoints (weights + feature extractor / tokenizer)."""
+    folder = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(0)
+    Wav2Vec2Model(speech_config("wav2vec2")).save_pretrained(folder / "speech")
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, return_attention_mask=True).save_pretrained(
+        folder / "speech")
+    BertModel(text_config("bert", len(tokenizer))).save_pretrained(folder / "text")
+    tokenizer.save_pretrained(folder / "text")
+    return folder / "speech", folder / "text"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_collator_pads_labels_and_embeddings(tokenizer):
+    rows = [
+        {"texts": ["a", "b", "c"], "audio": [None] * 3, "labels": [0, -1, 2], "num_turns": 3,
+         "text_embeds": [[1.0, 2.0]] * 3, "text_present": [1, 1, 1]},
+        {"texts": ["d"], "audio": [None], "labels": [1], "num_turns": 1,
+         "text_embeds": [[3.0, 4.0]], "text_present": [1]},
+    ]
+    batch = DataCollatorForConversations()(rows)
+    assert batch["labels"].tolist() == [[0, -100, 2], [1, -100, -100]]
+    assert batch["text_embeds"].shape == (2, 3, 2) and batch["text_embeds"][1, 1:].abs().sum() == 0
+    assert batch["text_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["utterance_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_cache_is_reused_and_keyed_on_weights_and_data(tiny_backbones, corpus, tmp_path):
+    speech, text = tiny_backbones
+    model = MisterEModel.from_backbones(str(speech), str(text), freeze_speech_backbone=True,
+                                        freeze_text_backbone=True, num_labels=3, projection_dim=16,
+                                        cross_attention_heads=2)
+    processor = MisterEProcessor.from_backbones(str(speech), str(text))
+    datasets, _ = load_corpus("manifest", data_dir=corpus)
+    first, stats = add_cached_embeddings(model, processor, datasets, tmp_path, batch_size=4)
+    assert len(stats.misses) == 6 and not stats.hits and stats.utterances_embedded > 0
+    again, stats = add_cached_embeddings(model, processor, datasets, tmp_path, batch_size=4)
+    assert len(stats.hits) == 6 and not stats.misses and stats.utterances_embedded == 0
+    assert again["train"]["text_embeds"] == first["train"]["text_embeds"]
+
+    # the cached embeddings are exactly what the model computes from raw inputs
+    row = first["test"][0]
+    inputs = processor(conversations=[[{"text": t, "audio": a} for t, a in zip(row["texts"], row["audio"])]])
+    with torch.no_grad():
+        raw = model.embed_utterances("speech", inputs["speech_mask"], input_values=inputs["input_values"],
+                                     speech_attention_mask=inputs["speech_attention_mask"])
+    np.testing.assert_allclose(np.array(row["speech_embeds"]), raw[0].numpy(), atol=1e-5)
+
+    cache = EmbeddingCache(tmp_path)
+    key, _ = cache.key(model, processor, "text", datasets["train"])
+    with torch.no_grad():
+        model.text_backbone.embeddings.word_embeddings.weight[5] += 1.0
+    assert cache.key(model, processor, "text", datasets["train"])[0] != key  # other weights: other entry
+    edited = datasets["train"].map(lambda r: {"texts": [t + "!" for t in r["texts"]]})
+    assert cache.key(model, processor, "text", edited)[0] != cache.key(model, processor, "text", datasets["train"])[0]
+
+
+def run_erc(*args, env=None, timeout=600, **popen):
+    command = [sys.executable, str(REPO_ROOT / "examples" / "run_erc.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **popen)
+
+
+def common_args(tiny_backbones, corpus, output_dir, cache_dir):
+    speech, text = tiny_backbones
+    return ["--dataset", "manifest", "--data_dir", corpus, "--speech_model_name_or_path", speech,
+            "--text_model_name_or_path", text, "--freeze_backbones", "--output_dir", output_dir,
+            "--embedding_cache_dir", cache_dir, "--config_overrides",
+            "projection_dim=16,context_hidden_size=8,expert_hidden_size=16,cross_attention_heads=2",
+            "--per_device_train_batch_size", "4", "--seed", "3", "--disable_tqdm", "true"]
+
+
+def test_run_erc_end_to_end_writes_results_model_and_card(tiny_backbones, corpus, tmp_path):
+    output = tmp_path / "run"
+    result = run_erc(*common_args(tiny_backbones, corpus, output, tmp_path / "cache"), "--num_train_epochs", "3",
+                     "--learning_rate", "3e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("train_results.json", "eval_results.json", "test_results.json", "all_results.json",
+                 "confusion_matrix_test.png", "gate_weights_test.png", "model.safetensors", "config.json",
+                 "processor_config.json", "modeling_mister_e.py", "README.md", "data_report.json"):
+        assert (output / name).exists(), name
+    test = json.loads((output / "test_results.json").read_text())
+    for key in ("test_weighted_f1", "test_accuracy", "test_macro_f1", "test_f1_calm", "test_gate_cross-modal"):
+        assert key in test, key
+    assert 0.0 <= test["test_weighted_f1"] <= 1.0
+    train = json.loads((output / "train_results.json").read_text())
+    assert train["embedding_cache_misses"] == 6 and train["utterances_embedded"] > 0
+    logs = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert any("supcon_loss" in entry and "kl_loss" in entry and "mixture_loss" in entry for entry in logs)
+    assert any("eval_supcon_loss" in entry for entry in logs)
+
+    # the saved model holds its backbones: it runs on raw audio and text
+    model, processor = AutoModel.from_pretrained(output).eval(), MisterEProcessor.from_pretrained(output)
+    row = json.loads((corpus / "test.jsonl").read_text().splitlines()[0])
+    conversation = [{"text": row["text"], "audio": str(corpus / row["audio"])}]
+    with torch.no_grad():
+        assert torch.isfinite(model(**processor(conversations=[conversation])).logits).all()
+
+    # a second run with the same backbones and data extracts nothing
+    again = run_erc(*common_args(tiny_backbones, corpus, tmp_path / "run2", tmp_path / "cache"),
+                    "--num_train_epochs", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    train = json.loads((tmp_path / "run2" / "train_results.json").read_text())
+    assert train["embedding_cache_hits"] == 6 and train["utterances_embedded"] == 0
+
+
+def test_run_erc_resumes_after_being_killed(tiny_backbones, corpus, tmp_path):
+    """Kill a run right after a checkpoint lands; the resumed run finishes with the same weights and metrics as a run
+    that was never interrupted."""
+    args = [*common_args(tiny_backbones, corpus, tmp_path / "killed", tmp_path / "cache"),
+            "--num_train_epochs", "60", "--save_strategy", "steps", "--save_steps", "15", "--eval_strategy", "steps",
+            "--eval_steps", "15", "--logging_strategy", "steps", "--logging_steps", "5", "--save_total_limit", "100"]
+    command = [sys.executable, str(REPO_ROOT / "examples" / "run_erc.py"), *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "killed" / "checkpoint-30"
+    deadline = time.time() + 300
+    while not (checkpoint / "trainer_state.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (checkpoint / "trainer_state.json").exists(), process.stderr.read()[-3000:]
+    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run finished before it could be killed"
+
+    resumed = run_erc(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout
+    uninterrupted = run_erc(*[str(tmp_path / "straight") if str(a) == str(tmp_path / "killed") else a for a in args])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    state = json.loads((tmp_path / "killed" / "trainer_state.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "trainer_state.json").read_text())
+    assert state["global_step"] == straight["global_step"]
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert losses == pytest.approx([e["loss"] for e in straight["log_history"] if "loss" in e], rel=1e-4)
+    test, reference = (json.loads((tmp_path / d / "test_results.json").read_text()) for d in ("killed", "straight"))
+    assert test["test_weighted_f1"] == pytest.approx(reference["test_weighted_f1"])
+    a, b = (AutoModel.from_pretrained(tmp_path / d).state_dict() for d in ("killed", "straight"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
