@@ -12,9 +12,11 @@ pooling, processor settings and data) and the context layers, experts and gate t
 holds its backbones and runs on raw audio and text. Runs resume from the last checkpoint in `output_dir`.
 """
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import transformers
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from mister_e_hf import MisterEModel, MisterEProcessor
+from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor
 from mister_e_hf.cache import add_cached_embeddings
 from mister_e_hf.data import DataCollatorForConversations, load_corpus
 from mister_e_hf.finetuning import finetune_backbone
@@ -135,16 +137,19 @@ def parse_arguments():
 
 
 def parse_overrides(text: str | None) -> dict:
-    """'a=1,b=0.5,c=true,d=[1,3]' -> {'a': 1, 'b': 0.5, 'c': True, 'd': [1, 3]} (values parsed as JSON when they can be)."""
+    """'a=1,b=0.5,c=true,d=[1,3]' -> MisterEConfig keyword arguments (values parsed as JSON when they can be;
+    whole numbers given for float settings, like `supcon_weight=0`, become floats)."""
+    float_fields = {f.name for f in dataclasses.fields(MisterEConfig) if "float" in str(f.type)}
     overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    for item in filter(None, (part.strip() for part in re.split(r",(?![^\[]*\])", text or ""))):
         if "=" not in item:
             raise ValueError(f"config_overrides entries are key=value, got {item!r}.")
-        key, value = item.split("=", 1)
+        key, value = (part.strip() for part in item.split("=", 1))
         try:
-            overrides[key.strip()] = json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key.strip()] = value
+            pass
+        overrides[key] = float(value) if key in float_fields and isinstance(value, int) else value
     return overrides
 
 
@@ -265,8 +270,8 @@ def main():
         datasets, stats = add_cached_embeddings(model, processor, datasets, model_args.embedding_cache_dir,
                                                 model_args.extraction_batch_size)
         timings = {"embedding_seconds": round(time.perf_counter() - start, 2),
-                   "embedding_cache_hits": len(stats.hits), "embedding_cache_misses": len(stats.misses),
-                   "utterances_embedded": stats.utterances_embedded}
+                   "extraction_seconds": round(stats.extraction_seconds, 2),
+                   "cached_utterances": stats.cached_utterances, "utterances_embedded": stats.utterances_embedded}
         logger.info(f"Embedding cache: {timings}")
 
     callbacks = []

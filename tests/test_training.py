@@ -16,7 +16,7 @@ from helpers import REPO_ROOT, speech_config, text_config
 from transformers import AutoModel, BertModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from mister_e_hf import MisterEModel, MisterEProcessor
-from mister_e_hf.cache import EmbeddingCache, add_cached_embeddings
+from mister_e_hf.cache import add_cached_embeddings, extraction_settings
 from mister_e_hf.data import DataCollatorForConversations, load_corpus
 
 
@@ -86,10 +86,16 @@ def test_cache_is_reused_and_keyed_on_weights_and_data(tiny_backbones, corpus, t
     processor = MisterEProcessor.from_backbones(str(speech), str(text))
     datasets, _ = load_corpus("manifest", data_dir=corpus)
     first, stats = add_cached_embeddings(model, processor, datasets, tmp_path, batch_size=4)
-    assert len(stats.misses) == 6 and not stats.hits and stats.utterances_embedded > 0
+    utterances = sum(sum(d["num_turns"]) for d in datasets.values())
+    unique_texts = len({t for d in datasets.values() for r in d["texts"] for t in r})
+    assert stats.utterances_embedded == utterances + unique_texts  # each distinct text is embedded once
+    assert stats.cached_utterances == utterances - unique_texts
     again, stats = add_cached_embeddings(model, processor, datasets, tmp_path, batch_size=4)
-    assert len(stats.hits) == 6 and not stats.misses and stats.utterances_embedded == 0
+    assert stats.utterances_embedded == 0 and stats.cached_utterances == 2 * utterances
     assert again["train"]["text_embeds"] == first["train"]["text_embeds"]
+    # another split of the same utterances (e.g. another fold) reuses them too
+    _, stats = add_cached_embeddings(model, processor, {"all": datasets["train"].select(range(4))}, tmp_path)
+    assert stats.utterances_embedded == 0
 
     # the cached embeddings are exactly what the model computes from raw inputs
     row = first["test"][0]
@@ -99,13 +105,12 @@ def test_cache_is_reused_and_keyed_on_weights_and_data(tiny_backbones, corpus, t
                                      speech_attention_mask=inputs["speech_attention_mask"])
     np.testing.assert_allclose(np.array(row["speech_embeds"]), raw[0].numpy(), atol=1e-5)
 
-    cache = EmbeddingCache(tmp_path)
-    key, _ = cache.key(model, processor, "text", datasets["train"])
+    settings = extraction_settings(model, processor, "text")
     with torch.no_grad():
         model.text_backbone.embeddings.word_embeddings.weight[5] += 1.0
-    assert cache.key(model, processor, "text", datasets["train"])[0] != key  # other weights: other entry
-    edited = datasets["train"].map(lambda r: {"texts": [t + "!" for t in r["texts"]]})
-    assert cache.key(model, processor, "text", edited)[0] != cache.key(model, processor, "text", datasets["train"])[0]
+    assert extraction_settings(model, processor, "text") != settings  # other weights: another cache entry
+    _, stats = add_cached_embeddings(model, processor, {"test": datasets["test"]}, tmp_path)
+    assert stats.utterances_embedded == len({t for r in datasets["test"]["texts"] for t in r})  # text only
 
 
 def run_erc(*args, env=None, timeout=600, **popen):
@@ -136,7 +141,7 @@ def test_run_erc_end_to_end_writes_results_model_and_card(tiny_backbones, corpus
         assert key in test, key
     assert 0.0 <= test["test_weighted_f1"] <= 1.0
     train = json.loads((output / "train_results.json").read_text())
-    assert train["embedding_cache_misses"] == 6 and train["utterances_embedded"] > 0
+    assert train["utterances_embedded"] > 0 and train["extraction_seconds"] > 0
     logs = json.loads((output / "trainer_state.json").read_text())["log_history"]
     assert any("supcon_loss" in entry and "kl_loss" in entry and "mixture_loss" in entry for entry in logs)
     assert any("eval_supcon_loss" in entry for entry in logs)
@@ -153,7 +158,7 @@ def test_run_erc_end_to_end_writes_results_model_and_card(tiny_backbones, corpus
                     "--num_train_epochs", "1")
     assert again.returncode == 0, again.stderr[-3000:]
     train = json.loads((tmp_path / "run2" / "train_results.json").read_text())
-    assert train["embedding_cache_hits"] == 6 and train["utterances_embedded"] == 0
+    assert train["cached_utterances"] > 0 and train["utterances_embedded"] == 0
 
 
 def test_run_erc_resumes_after_being_killed(tiny_backbones, corpus, tmp_path):
@@ -188,3 +193,29 @@ def test_run_erc_resumes_after_being_killed(tiny_backbones, corpus, tmp_path):
     assert test["test_weighted_f1"] == pytest.approx(reference["test_weighted_f1"])
     a, b = (AutoModel.from_pretrained(tmp_path / d).state_dict() for d in ("killed", "straight"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_backbone_finetuning_changes_the_backbone_and_leaves_a_plain_model(tiny_backbones, corpus, tmp_path, method):
+    from mister_e_hf.finetuning import finetune_backbone
+
+    speech, text = tiny_backbones
+    model = MisterEModel.from_backbones(str(speech), str(text), freeze_speech_backbone=True,
+                                        freeze_text_backbone=True, num_labels=3, projection_dim=16,
+                                        cross_attention_heads=2)
+    processor = MisterEProcessor.from_backbones(str(speech), str(text))
+    datasets, _ = load_corpus("manifest", data_dir=corpus)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune_backbone(model, processor, "text", datasets, method=method, epochs=1, learning_rate=1e-2,
+                      output_dir=tmp_path / "ft")
+    after = model.state_dict()
+    assert after.keys() == before.keys()  # adapters merged away: the same plain backbone
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("text_backbone.") for k in changed)
+    assert not any(p.requires_grad for p in model.text_backbone.parameters())  # frozen again
+    assert not any(p.requires_grad for p in model.speech_backbone.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters()
+               if not n.startswith(("speech_backbone.", "text_backbone.")))
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = MisterEModel.from_pretrained(tmp_path / "saved").state_dict()
+    assert all(torch.equal(reloaded[k], after[k]) for k in after)

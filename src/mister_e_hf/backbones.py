@@ -69,12 +69,23 @@ def is_padding_sensitive(backbone: PreTrainedModel) -> bool:
     return getattr(backbone.config, "feat_extract_norm", None) == "group"
 
 
+def _pool_layers(outputs, mask: torch.Tensor, pooling: str, all_layers: bool) -> torch.Tensor:
+    """Pooled last hidden state `(N, D)`, or every hidden state pooled alike `(N, layers, D)`."""
+    if not all_layers:
+        return POOLINGS[pooling](outputs.last_hidden_state, mask)
+    hidden = torch.stack(outputs.hidden_states, dim=1)  # (N, layers, T, D)
+    n, layers = hidden.shape[:2]
+    pooled = POOLINGS[pooling](hidden.flatten(0, 1), mask.repeat_interleave(layers, dim=0))
+    return pooled.view(n, layers, -1)
+
+
 def encode_speech(
     backbone: PreTrainedModel,
     inputs: torch.Tensor,
     attention_mask: torch.Tensor,
     pooling: str,
     chunk_size: int | None = None,
+    all_layers: bool = False,
 ) -> torch.Tensor:
     """Pooled speech embeddings of N utterances.
 
@@ -84,11 +95,13 @@ def encode_speech(
         attention_mask: `(N, T)` or `(N, frames)`, 1 over real samples/frames.
         pooling: a name from `POOLINGS`, applied over the output frames that cover real audio only.
         chunk_size: at most this many utterances per backbone call.
+        all_layers: pool every hidden layer, not only the last.
 
     Returns:
-        `(N, hidden_size)` embeddings.
+        `(N, hidden_size)` embeddings, or `(N, layers, hidden_size)` with `all_layers`.
     """
     input_name = backbone.main_input_name
+    options = {"output_hidden_states": True} if all_layers else {}
     lengths = attention_mask.long().sum(-1)
     if input_name == "input_values":
         inputs = inputs[:, : int(lengths.max())]  # padding beyond the longest utterance is never needed
@@ -101,15 +114,15 @@ def encode_speech(
     pooled = None
     for index, length in calls:
         if length is not None:  # exact-length group: no padding at all, no mask
-            hidden = backbone(**{input_name: inputs[index, :length]}).last_hidden_state
+            outputs = backbone(**{input_name: inputs[index, :length]}, **options)
         else:
             mask = attention_mask[index] if input_name == "input_values" else None
             mask = mask[:, : inputs.shape[1]] if mask is not None else None
-            hidden = backbone(**{input_name: inputs[index]}, attention_mask=mask).last_hidden_state
-        frame_mask = _output_mask(backbone, lengths[index], hidden.shape[1])
-        vectors = POOLINGS[pooling](hidden, frame_mask)
+            outputs = backbone(**{input_name: inputs[index]}, attention_mask=mask, **options)
+        frame_mask = _output_mask(backbone, lengths[index], outputs.last_hidden_state.shape[1])
+        vectors = _pool_layers(outputs, frame_mask, pooling, all_layers)
         if pooled is None:
-            pooled = vectors.new_empty(inputs.shape[0], vectors.shape[-1])
+            pooled = vectors.new_empty(inputs.shape[0], *vectors.shape[1:])
         pooled[index] = vectors
     return pooled
 
@@ -120,6 +133,7 @@ def encode_text(
     attention_mask: torch.Tensor,
     pooling: str,
     chunk_size: int | None = None,
+    all_layers: bool = False,
 ) -> torch.Tensor:
     """Pooled text embeddings of N utterances.
 
@@ -129,9 +143,10 @@ def encode_text(
         attention_mask: `(N, L)`, 1 over real tokens.
         pooling: a name from `POOLINGS` (`auto` must be resolved first).
         chunk_size: at most this many utterances per backbone call.
+        all_layers: pool every hidden layer, not only the last.
 
     Returns:
-        `(N, hidden_size)` embeddings.
+        `(N, hidden_size)` embeddings, or `(N, layers, hidden_size)` with `all_layers`.
     """
     used = attention_mask.bool().any(0).nonzero().squeeze(1)
     span = slice(int(used.min()), int(used.max()) + 1) if len(used) else slice(0, 1)
@@ -139,8 +154,9 @@ def encode_text(
     outputs = []
     for index in _chunks(input_ids.shape[0], chunk_size):
         index = slice(index.start, index.stop)
-        hidden = backbone(input_ids=input_ids[index], attention_mask=attention_mask[index]).last_hidden_state
-        outputs.append(POOLINGS[pooling](hidden, attention_mask[index].bool()))
+        result = backbone(input_ids=input_ids[index], attention_mask=attention_mask[index],
+                          output_hidden_states=all_layers)
+        outputs.append(_pool_layers(result, attention_mask[index].bool(), pooling, all_layers))
     return torch.cat(outputs)
 
 

@@ -1,40 +1,34 @@
 """Embedding cache: with frozen backbones, each utterance's speech and text embeddings are computed once.
 
-A cache entry holds one modality's pooled embeddings for every utterance of one dataset split, as a `datasets` Arrow
-dataset on disk (one row per conversation, in the split's order). Its key is a digest of everything the embeddings
-depend on: the backbone (name and a digest of its weights, so a fine-tuned or other revision never hits a stale
-entry), the pooling, the processor settings, and the data (conversation ids, texts, audio paths with their file
-sizes and modification times). A second run with the same backbones and data reads the entries and extracts nothing.
+The cache is a folder of *entries*, one per modality and extraction setting: the backbone (its name and a digest
+of its weights, so a fine-tuned or other revision never hits a stale entry), the pooling, the layers kept and the
+processor settings. An entry is a `datasets` Arrow dataset, in shards, of `(key, embedding)` rows where `key` is a
+digest of the utterance's content: its text, or its audio file's path, size and modification time. Splits, folds
+and runs share utterances: only utterances not yet in the entry are extracted (then appended as a new shard), so
+a second run with the same backbones and data extracts nothing.
 """
 
 import hashlib
 import json
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
-from transformers.utils import logging
 
 
-logger = logging.get_logger(__name__)
-
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bump when the way embeddings are computed changes, so that old entries are not reused."""
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MISTER_E_CACHE", Path.home() / ".cache" / "mister_e_hf" / "embeddings"))
 
 
-def _digest(*parts) -> str:
-    hasher = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        hasher.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-    return hasher.hexdigest()
+def _digest(value) -> str:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -46,16 +40,12 @@ def weights_digest(module: torch.nn.Module) -> str:
     return hasher.hexdigest()
 
 
-def data_digest(dataset: Dataset, modality: str) -> str:
-    """Digest of what a modality's embeddings are computed from: ids and texts, or audio paths and file stats."""
-    hasher = hashlib.blake2b(digest_size=16)
-    columns = ["conversation_id", "texts"] if modality == "text" else ["conversation_id", "audio"]
-    for row in dataset.select_columns(columns):
-        hasher.update(json.dumps(row[columns[0]]).encode())
-        for value in row[columns[1]]:
-            stat = os.stat(value) if modality == "speech" and value is not None and os.path.exists(value) else None
-            hasher.update(json.dumps([value, stat.st_size if stat else None, stat.st_mtime_ns if stat else None]).encode())
-    return hasher.hexdigest()
+def utterance_key(modality: str, text: str | None, audio: str | None) -> str:
+    """Content key of one utterance for one modality: its text, or its audio file's path, size and mtime."""
+    if modality == "text":
+        return _digest(["text", text])
+    stat = os.stat(audio)
+    return _digest(["audio", os.path.abspath(audio), stat.st_size, stat.st_mtime_ns])
 
 
 def _processor_settings(processor, modality: str) -> dict:
@@ -65,68 +55,77 @@ def _processor_settings(processor, modality: str) -> dict:
             "name": processor.tokenizer.name_or_path, "max_text_length": processor.max_text_length}
 
 
+def extraction_settings(model, processor, modality: str, weights: str | None = None) -> dict:
+    """Everything a modality's embeddings depend on besides the utterance itself."""
+    config = model.config
+    return {
+        "format": CACHE_FORMAT,
+        "modality": modality,
+        "backbone": getattr(config, f"{modality}_backbone_name_or_path"),
+        "backbone_type": config.backbone_config(modality).model_type,
+        "weights": weights or weights_digest(getattr(model, f"{modality}_backbone")),
+        "pooling": config.speech_pooling if modality == "speech" else model.text_pooling,
+        "layers": config.embed_layers(modality),
+        "processor": _processor_settings(processor, modality),
+    }
+
+
 @dataclass
 class CacheStats:
-    """What `add_cached_embeddings` did: entries read and written, utterances embedded, seconds spent extracting."""
+    """What `add_cached_embeddings` did: utterances read from the cache, utterances extracted, seconds extracting."""
 
-    hits: list[str] = field(default_factory=list)
-    misses: list[str] = field(default_factory=list)
+    cached_utterances: int = 0
     utterances_embedded: int = 0
     extraction_seconds: float = 0.0
 
 
 class EmbeddingCache:
-    """A folder of cache entries, each `<modality>-<key>/` (an Arrow dataset) with a `key.json` describing it."""
+    """A folder of cache entries, `<modality>-<settings digest>/` with `settings.json` and `shard-*/` datasets."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
 
-    def key(self, model, processor, modality: str, dataset: Dataset, weights: str | None = None) -> tuple[str, dict]:
-        """The entry's key and what it was computed from; `weights` is the backbone's `weights_digest` if known."""
-        config = model.config
-        description = {
-            "format": CACHE_FORMAT,
-            "modality": modality,
-            "backbone": getattr(config, f"{modality}_backbone_name_or_path"),
-            "backbone_type": config.backbone_config(modality).model_type,
-            "weights": weights or weights_digest(getattr(model, f"{modality}_backbone")),
-            "pooling": config.speech_pooling if modality == "speech" else model.text_pooling,
-            "processor": _processor_settings(processor, modality),
-            "data": data_digest(dataset, modality),
-            "num_conversations": len(dataset),
-        }
-        return _digest(description), description
+    def entry(self, settings: dict) -> Path:
+        path = self.cache_dir / f"{settings['modality']}-{_digest(settings)}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        return path
 
-    def path(self, modality: str, key: str) -> Path:
-        return self.cache_dir / f"{modality}-{key}"
+    @staticmethod
+    def read(entry: Path) -> tuple[dict[str, int], Dataset | None]:
+        """(key -> row, all rows) of an entry's shards."""
+        shards = [load_from_disk(str(p)) for p in sorted(entry.glob("shard-*")) if (p / "dataset_info.json").exists()]
+        if not shards:
+            return {}, None
+        table = concatenate_datasets(shards)
+        return {key: row for row, key in enumerate(table["key"])}, table
 
-    def embeddings(self, model, processor, modality, dataset, batch_size=16, stats=None, desc="", weights=None) -> Dataset:
-        """The cached `(<modality>_embeds, <modality>_present)` columns for `dataset`, extracting them if needed."""
-        key, description = self.key(model, processor, modality, dataset, weights)
-        path = self.path(modality, key)
-        if (path / "key.json").exists():
-            if stats is not None:
-                stats.hits.append(str(path))
-            return load_from_disk(str(path / "data"))
-        start = time.perf_counter()
-        table = extract_embeddings(model, processor, modality, dataset, batch_size, desc=desc)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        table.save_to_disk(str(tmp / "data"))
-        (tmp / "key.json").write_text(json.dumps(description, indent=2, default=str) + "\n")
-        if path.exists():  # written meanwhile by a concurrent run with the same key: identical content
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
-        if stats is not None:
-            stats.misses.append(str(path))
-            stats.extraction_seconds += time.perf_counter() - start
-            stats.utterances_embedded += sum(sum(row) for row in table[f"{modality}_present"])
-        return load_from_disk(str(path / "data"))
+    @staticmethod
+    def append(entry: Path, keys: list[str], vectors: list[np.ndarray]) -> None:
+        vector_type = Value("float32")
+        for _ in vectors[0].shape:
+            vector_type = List(vector_type)
+        shard = Dataset.from_dict({"key": keys, "embedding": vectors},
+                                  features=Features({"key": Value("string"), "embedding": vector_type}))
+        name = f"shard-{time.time_ns()}-{os.getpid()}"
+        shard.save_to_disk(str(entry / f".{name}"))
+        os.replace(entry / f".{name}", entry / name)  # readers never see half-written shards
 
 
-def _utterance_length(modality: str, text: str | None, audio: str | None) -> float:
+def _utterances(dataset: Dataset, modality: str) -> list[tuple[int, int, str | None, str | None]]:
+    """(row, turn, text, audio) of every utterance of `dataset` that has `modality`."""
+    source = "texts" if modality == "text" else "audio"
+    return [
+        (i, t, text, audio)
+        for i, row in enumerate(dataset.select_columns(["texts", "audio"]))
+        for t, (text, audio) in enumerate(zip(row["texts"], row["audio"]))
+        if row[source][t] is not None
+    ]
+
+
+def _length(modality: str, text: str | None, audio: str | None) -> float:
     if modality == "text":
-        return len(text or "")
+        return len(text)
     import soundfile
 
     info = soundfile.info(audio)
@@ -134,70 +133,87 @@ def _utterance_length(modality: str, text: str | None, audio: str | None) -> flo
 
 
 @torch.no_grad()
-def extract_embeddings(model, processor, modality: str, dataset: Dataset, batch_size: int = 16, desc: str = "") -> Dataset:
-    """Pooled backbone embeddings of every utterance of `dataset` that has `modality`, batched by similar length.
-
-    Returns a dataset aligned with `dataset`'s rows: `<modality>_embeds` (per turn a vector, zeros where the
-    modality is absent) and `<modality>_present` (per turn 1/0).
-    """
-    source = "texts" if modality == "text" else "audio"
-    rows = dataset.select_columns(["texts", "audio"])
-    items = [
-        (i, t, text, audio)
-        for i, row in enumerate(rows)
-        for t, (text, audio) in enumerate(zip(row["texts"], row["audio"]))
-        if row[source][t] is not None
-    ]
-    items.sort(key=lambda item: _utterance_length(modality, item[2], item[3]))
+def extract_embeddings(model, processor, modality: str, utterances: list[tuple[str | None, str | None]],
+                       batch_size: int = 16, desc: str = "") -> list[np.ndarray]:
+    """Pooled backbone embeddings of `(text, audio)` utterances, in their order, computed in batches of similar
+    length (less padding); each is `(dim,)`, or `(layers, dim)` when the model weighs the backbone's layers."""
+    order = sorted(range(len(utterances)), key=lambda i: _length(modality, *utterances[i]))
+    names = ("input_values", "input_features", "speech_attention_mask") if modality == "speech" else (
+        "input_ids", "text_attention_mask")
     was_training = model.training
     model.eval()
-    vectors: dict[tuple[int, int], np.ndarray] = {}
-    progress = tqdm(total=len(items), desc=desc or f"Extracting {modality} embeddings", unit="utt")
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        inputs = processor(conversations=[[{"text": text, "audio": audio}] for _, _, text, audio in chunk])
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        names = ("input_values", "input_features", "speech_attention_mask") if modality == "speech" else (
-            "input_ids", "text_attention_mask")
-        embeds = model.embed_utterances(modality, torch.ones(len(chunk), 1, dtype=torch.bool, device=model.device),
-                                        **{k: inputs[k] for k in names if k in inputs})
-        for (i, t, _, _), vector in zip(chunk, embeds[:, 0].float().cpu().numpy()):
-            vectors[(i, t)] = vector
-        progress.update(len(chunk))
-    progress.close()
+    vectors: list[np.ndarray | None] = [None] * len(utterances)
+    with tqdm(total=len(order), desc=desc or f"Extracting {modality} embeddings", unit="utt") as progress:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            inputs = processor(conversations=[[{"text": utterances[i][0], "audio": utterances[i][1]}] for i in chunk])
+            inputs = {k: v.to(model.device) for k, v in inputs.items() if k in names}
+            mask = torch.ones(len(chunk), 1, dtype=torch.bool, device=model.device)
+            embeds = model.embed_utterances(modality, mask, **inputs)[:, 0].float().cpu().numpy()
+            for i, vector in zip(chunk, embeds):
+                vectors[i] = vector
+            progress.update(len(chunk))
     model.train(was_training)
-    dim = next(iter(vectors.values())).shape[0] if vectors else model.config.embed_dim(modality)
-    zeros = np.zeros(dim, dtype=np.float32)
-    columns = {f"{modality}_embeds": [], f"{modality}_present": []}
-    for i, row in enumerate(rows):
-        turns = range(len(row["texts"]))
-        columns[f"{modality}_embeds"].append([vectors.get((i, t), zeros) for t in turns])
-        columns[f"{modality}_present"].append([int((i, t) in vectors) for t in turns])
-    features = Features({f"{modality}_embeds": List(List(Value("float32"))), f"{modality}_present": List(Value("int8"))})
-    return Dataset.from_dict(columns, features=features)
+    return vectors
+
+
+def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: "EmbeddingCache",
+                      batch_size: int = 16, stats: CacheStats | None = None, desc: str = "",
+                      weights: str | None = None) -> Dataset:
+    """`<modality>_embeds` (per turn; zeros where absent) and `<modality>_present` (per turn 1/0) columns aligned with
+    `dataset`'s rows, read from the cache and extracting only the utterances it lacks."""
+    stats = stats if stats is not None else CacheStats()
+    entry = cache.entry(extraction_settings(model, processor, modality, weights))
+    utterances = _utterances(dataset, modality)
+    keys = [utterance_key(modality, text, audio) for _, _, text, audio in utterances]
+    index, table = cache.read(entry)
+    missing = sorted({k: (text, audio) for k, (_, _, text, audio) in zip(keys, utterances) if k not in index}.items())
+    if missing:
+        start = time.perf_counter()
+        vectors = extract_embeddings(model, processor, modality, [u for _, u in missing], batch_size, desc)
+        cache.append(entry, [k for k, _ in missing], vectors)
+        stats.extraction_seconds += time.perf_counter() - start
+        stats.utterances_embedded += len(missing)
+        index, table = cache.read(entry)
+    stats.cached_utterances += len(utterances) - len(missing)
+
+    found = table.select([index[k] for k in keys]).with_format("numpy")[:]["embedding"] if keys else []
+    shape = found.shape[1:] if keys else (
+        *([model.config.embed_layers(modality)] if model.config.embed_layers(modality) else []),
+        model.config.embed_dim(modality))
+    embeds = [[np.zeros(shape, dtype=np.float32)] * n for n in dataset["num_turns"]]
+    present = [[0] * n for n in dataset["num_turns"]]
+    for (i, t, _, _), vector in zip(utterances, found):
+        embeds[i][t], present[i][t] = vector, 1
+    vector_type = Value("float32")
+    for _ in shape:
+        vector_type = List(vector_type)
+    features = Features({f"{modality}_embeds": List(vector_type), f"{modality}_present": List(Value("int8"))})
+    return Dataset.from_dict({f"{modality}_embeds": embeds, f"{modality}_present": present}, features=features)
 
 
 def add_cached_embeddings(
     model, processor, datasets: DatasetDict, cache_dir=None, batch_size: int = 16
 ) -> tuple[DatasetDict, CacheStats]:
-    """Adds `<modality>_embeds` / `<modality>_present` columns to every split, for every modality of the model that
-    has a backbone, from the cache or by extracting them once. The model must have frozen backbones."""
-    cache, stats = EmbeddingCache(cache_dir), CacheStats()
+    """Adds `<modality>_embeds` / `<modality>_present` columns to every split, for every modality of the model, from
+    the cache or by extracting the missing utterances once. The model's backbones must be frozen."""
     for modality in model.config.modalities:
         if getattr(model, f"{modality}_backbone") is None:
             raise ValueError(f"The model has no {modality} backbone to extract embeddings with.")
         if not getattr(model.config, f"freeze_{modality}_backbone"):
             raise ValueError(f"Caching {modality} embeddings needs a frozen {modality} backbone.")
+    cache, stats = EmbeddingCache(cache_dir), CacheStats()
     digests = {m: weights_digest(getattr(model, f"{m}_backbone")) for m in model.config.modalities}
     out = {}
     for split, dataset in datasets.items():
-        columns = [dataset] + [
-            cache.embeddings(model, processor, m, dataset, batch_size, stats, desc=f"{split}: {m} embeddings",
-                             weights=digests[m])
+        columns = [
+            cached_embeddings(model, processor, m, dataset, cache, batch_size, stats, f"{split}: {m} embeddings",
+                              digests[m])
             for m in model.config.modalities
         ]
-        out[split] = concatenate_datasets(columns, axis=1)
+        out[split] = concatenate_datasets([dataset, *columns], axis=1)
     return DatasetDict(out), stats
 
 
-__all__ = ["EmbeddingCache", "CacheStats", "add_cached_embeddings", "extract_embeddings", "weights_digest"]
+__all__ = ["EmbeddingCache", "CacheStats", "add_cached_embeddings", "cached_embeddings", "extract_embeddings",
+           "extraction_settings", "utterance_key", "weights_digest"]

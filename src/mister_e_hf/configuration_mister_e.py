@@ -60,6 +60,15 @@ class MisterEConfig(PreTrainedConfig):
     """How the speech backbone's frames become one vector per utterance: a name from `pooling.POOLINGS`."""
     text_pooling: str = "auto"
     """How the text backbone's tokens become one vector: `auto` = `last` for decoder-only LMs, `mean` otherwise."""
+    speech_layers: str = "last"
+    """Which speech backbone layers make the embedding: `last`, or a name from `layer_combiners.LAYER_COMBINERS`
+    over every hidden layer's pooled states (`weighted`: learned softmax weights, as in SUPERB; `concat`)."""
+    text_layers: str = "last"
+    """Which text backbone layers make the embedding (see `speech_layers`)."""
+    speech_embed_layers: int | None = None
+    """Embeddings mode with combined layers: how many layers each precomputed speech embedding holds."""
+    text_embed_layers: int | None = None
+    """Embeddings mode with combined layers: how many layers each precomputed text embedding holds."""
     backbone_chunk_size: int | None = None
     """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
 
@@ -128,10 +137,20 @@ class MisterEConfig(PreTrainedConfig):
             raise ValueError(f"Cannot tell the hidden size of the {modality} backbone ({backbone.model_type}).")
         return getattr(self, f"{modality}_embed_dim")
 
+    def embed_layers(self, modality: str) -> int | None:
+        """Number of layers in a modality's utterance embedding when its layers are combined, else None (last only)."""
+        if getattr(self, f"{modality}_layers") == "last":
+            return None
+        backbone = self.backbone_config(modality)
+        if backbone is not None:
+            return backbone.num_hidden_layers + 1  # the embedding output, then every layer
+        return getattr(self, f"{modality}_embed_layers")
+
     def validate_mister_e(self):
         """Checked at construction: names exist in their registries and sizes are consistent."""
         from .fusions import FUSIONS
         from .heads import HEADS
+        from .layer_combiners import LAYER_COMBINERS
         from .pooling import POOLINGS
 
         if not self.modalities:
@@ -148,6 +167,12 @@ class MisterEConfig(PreTrainedConfig):
                 )
             if dim is not None and dim <= 0:
                 raise ValueError(f"`{modality}_embed_dim` must be positive, got {dim}.")
+        for modality in MODALITIES:
+            layers = getattr(self, f"{modality}_layers")
+            if layers != "last" and layers not in LAYER_COMBINERS:
+                raise ValueError(f"Unknown {modality}_layers {layers!r}; choose one of {['last', *LAYER_COMBINERS]}.")
+            if self.has_modality(modality) and layers != "last" and not self.embed_layers(modality):
+                raise ValueError(f"`{modality}_layers={layers!r}` in embeddings mode needs `{modality}_embed_layers`.")
         for name, value, registry in (
             ("speech_pooling", self.speech_pooling, POOLINGS),
             ("text_pooling", self.text_pooling, {**POOLINGS, "auto": None}),

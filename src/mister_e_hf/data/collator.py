@@ -55,8 +55,8 @@ class DataCollatorForConversations:
 
     @staticmethod
     def _stack_embeddings(rows, modality, turns):
-        dim = next(len(vector) for row in rows for vector in row[f"{modality}_embeds"])
-        embeds = np.zeros((len(rows), turns, dim), dtype=np.float32)
+        shape = np.asarray(rows[0][f"{modality}_embeds"][0], dtype=np.float32).shape  # (dim,) or (layers, dim)
+        embeds = np.zeros((len(rows), turns, *shape), dtype=np.float32)
         present = np.zeros((len(rows), turns), dtype=np.int64)
         for b, row in enumerate(rows):
             n = len(row[f"{modality}_embeds"])
