@@ -225,3 +225,27 @@ def test_pretrained_backbone_weights_survive_construction_and_loading(tmp_path, 
     assert all(torch.equal(reloaded[k], v) for k, v in state.items())
     assert not np.any([name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in
                        [p.name for p in (tmp_path / "mister-e").iterdir()]])
+
+
+def test_weighted_layers_learn_over_every_hidden_layer(build):
+    model, processor = build("whisper", "bert", speech_layers="weighted", text_layers="weighted")
+    assert model.layer_combiners["speech"].weights.shape == (2,)  # embeddings + 1 encoder layer
+    assert model.layer_combiners["text"].weights.shape == (3,)
+    inputs = processor(conversations=make_conversations([2, 1], seed=13))
+    with torch.no_grad():
+        raw = model(**inputs).logits
+        speech = model.embed_utterances("speech", inputs["speech_mask"], input_features=inputs["input_features"],
+                                        speech_attention_mask=inputs["speech_attention_mask"])
+        text = model.embed_utterances("text", inputs["text_mask"], input_ids=inputs["input_ids"],
+                                      text_attention_mask=inputs["text_attention_mask"])
+        cached = model(speech_embeds=speech, text_embeds=text, utterance_mask=inputs["utterance_mask"]).logits
+    assert speech.shape == (2, 2, 2, 32) and text.shape == (2, 2, 3, 32)
+    torch.testing.assert_close(cached, raw, atol=1e-6, rtol=0)
+    model.train()
+    model(**inputs, labels=random_labels(inputs)).loss.backward()
+    assert model.layer_combiners["speech"].weights.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"must have shape \(batch, utterances, layers, dim\)"):
+        model(speech_embeds=speech[:, :, 0], text_embeds=text, utterance_mask=inputs["utterance_mask"])
+    with pytest.raises(Exception, match="needs `text_embed_layers`"):
+        MisterEConfig(text_embed_dim=8, text_layers="weighted")
+    assert MisterEModel(MisterEConfig(text_embed_dim=8, text_layers="weighted", text_embed_layers=4, **TINY_HEAD))

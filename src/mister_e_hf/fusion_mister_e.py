@@ -45,6 +45,22 @@ class CoAttentionBlock(nn.Module):
         text = self._attend("text_self", text, text, padding_mask, attn_mask)
         return speech, text
 
+    def step(self, speech, text, cache: dict | None):
+        """Causal mode, one new utterance `(B, 1, D)` per modality, attending to the cached earlier ones; returns the
+        block's outputs for it and the cache extended with it (this block's inputs and cross-attended states)."""
+        cache = cache or {}
+
+        def extend(name, new):
+            cache[name] = new if name not in cache else torch.cat([cache[name], new], dim=1)
+            return cache[name]
+
+        speech_keys, text_keys = extend("speech", speech), extend("text", text)
+        speech = self._attend("speech_from_text", speech, text_keys, None, None)
+        text = self._attend("text_from_speech", text, speech_keys, None, None)
+        speech = self._attend("speech_self", speech, extend("speech_crossed", speech), None, None)
+        text = self._attend("text_self", text, extend("text_crossed", text), None, None)
+        return speech, text, cache
+
 
 class CrossModalExpert(nn.Module):
     """Co-attention over the two modalities' projected utterance embeddings, then a classifier on both streams.
@@ -74,6 +90,15 @@ class CrossModalExpert(nn.Module):
         for block in self.blocks:
             speech, text = block(speech, text, ~utterance_mask, attn_mask)
         return self.classifier(torch.cat([speech, text], dim=-1)), speech, text
+
+    def step(self, speech: torch.Tensor, text: torch.Tensor, caches: list | None):
+        """Causal mode, one new utterance `(B, 1, D)` per modality: `forward`'s outputs for it, and per-block caches."""
+        if not self.causal:
+            raise ValueError("Step-by-step inference needs a causal model (`context_bidirectional=False`).")
+        caches = caches or [None] * len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            speech, text, caches[i] = block.step(speech, text, caches[i])
+        return self.classifier(torch.cat([speech, text], dim=-1)), speech, text, caches
 
 
 class ExpertGate(nn.Module):
@@ -126,13 +151,22 @@ class MisterEFusion(nn.Module):
         modalities = list(config.modalities)
         return modalities + (["cross-modal"] if len(modalities) == 2 else [])
 
-    def forward(self, features: dict[str, ModalityFeatures], utterance_mask: torch.Tensor) -> FusionOutput:
+    def forward(
+        self, features: dict[str, ModalityFeatures], utterance_mask: torch.Tensor, state: dict | None = None
+    ) -> FusionOutput:
+        """Experts and gate over whole conversations. With `state` (a dict, empty at the first utterance), the
+        features are one new utterance `(B, 1, ...)` of a causal model, and the cross-modal expert attends to the
+        earlier utterances cached in `state` (updated in place) instead of recomputing them."""
         outputs = [self.unimodal[m](features[m].context) for m in self.modalities]
         masks = [features[m].mask for m in self.modalities]
         paired = paired_mask = None
         if self.cross_modal is not None:
             speech, text = (features[m] for m in self.modalities)
-            logits, speech_repr, text_repr = self.cross_modal(speech.utterance, text.utterance, utterance_mask)
+            if state is None:
+                logits, speech_repr, text_repr = self.cross_modal(speech.utterance, text.utterance, utterance_mask)
+            else:
+                logits, speech_repr, text_repr, state["cross_modal"] = self.cross_modal.step(
+                    speech.utterance, text.utterance, state.get("cross_modal"))
             paired_mask = speech.mask & text.mask
             outputs.append(logits)
             masks.append(paired_mask)

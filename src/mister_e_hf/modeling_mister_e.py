@@ -27,6 +27,7 @@ from .backbones import resolve_text_pooling
 from .configuration_mister_e import MODALITIES, MisterEConfig
 from .fusions import FUSIONS
 from .heads import HEADS
+from .layer_combiners import LAYER_COMBINERS, LayerWeighting
 from .outputs import MisterEOutput, ModalityFeatures
 
 
@@ -105,6 +106,21 @@ class ConversationContext(nn.Module):
         recurrent, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=inputs.shape[1])
         return (recurrent + self.skip(inputs)) * mask.unsqueeze(-1)
 
+    def step(self, inputs: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """Causal mode, one new utterance: `(B, input_size)` -> `(B, output_size)`, carrying `state` (the last inputs
+        the convolutions still see, and the GRU's hidden state). Equals `forward` over the conversation so far."""
+        if not self.causal:
+            raise ValueError("Step-by-step context needs a causal model (`context_bidirectional=False`).")
+        if state is None:
+            state = {"inputs": inputs.new_zeros(inputs.shape[0], max(self.kernel_sizes) - 1, inputs.shape[-1]),
+                     "gru": None}
+        recent = torch.cat([state["inputs"], inputs.unsqueeze(1)], dim=1)  # (B, largest kernel, input_size)
+        channels = recent.transpose(1, 2)
+        convolved = sum(conv(channels[..., channels.shape[-1] - k:]) for conv, k in zip(self.convs, self.kernel_sizes))
+        hidden = self.dropout(torch.relu(convolved)).transpose(1, 2)  # (B, 1, hidden)
+        recurrent, gru_state = self.gru(hidden, state["gru"])
+        return recurrent[:, 0] + self.skip(inputs), {"inputs": recent[:, 1:], "gru": gru_state}
+
 
 class MisterEPreTrainedModel(PreTrainedModel):
     config_class = MisterEConfig
@@ -117,7 +133,9 @@ class MisterEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """Initialises MiSTER-E's own layers. Backbones are `PreTrainedModel`s and are dispatched to their own
         `_init_weights` by transformers, which skips them entirely when they hold loaded weights."""
-        if isinstance(module, nn.GRU):
+        if isinstance(module, LayerWeighting):
+            init.zeros_(module.weights)
+        elif isinstance(module, nn.GRU):
             for name, param in module.named_parameters():
                 if "weight" in name:
                     init.xavier_uniform_(param)
@@ -158,8 +176,13 @@ class MisterEModel(MisterEPreTrainedModel):
                 backbone.requires_grad_(False)
 
         self.text_pooling = resolve_text_pooling(config.text_pooling, config.text_config)
+        self.layer_combiners = nn.ModuleDict(
+            {m: LAYER_COMBINERS[getattr(config, f"{m}_layers")](config.embed_layers(m))
+             for m in config.modalities if config.embed_layers(m)}
+        )
         self.projections = nn.ModuleDict(
-            {m: UtteranceProjection(config.embed_dim(m), config.projection_dim, config.dropout) for m in config.modalities}
+            {m: UtteranceProjection(self._combined_dim(m), config.projection_dim, config.dropout)
+             for m in config.modalities}
         )
         self.contexts = nn.ModuleDict({m: ConversationContext(config.projection_dim, config) for m in config.modalities})
         self.head = HEADS[config.head](config)
@@ -169,6 +192,11 @@ class MisterEModel(MisterEPreTrainedModel):
             config, self.head.num_outputs, {m: self.contexts[m].output_size for m in config.modalities}
         )
         self.post_init()
+
+    def _combined_dim(self, modality: str) -> int:
+        """Size of a modality's utterance embedding once its layers (if several) are combined."""
+        dim, layers = self.config.embed_dim(modality), self.config.embed_layers(modality)
+        return self.layer_combiners[modality].output_dim(dim, layers) if layers else dim
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -243,10 +271,12 @@ class MisterEModel(MisterEPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         text_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pooled backbone embeddings `(B, U, D)` of the utterances where `mask` `(B, U)` is True (zeros elsewhere).
+        """Pooled backbone embeddings `(B, U, D)` of the utterances where `mask` `(B, U)` is True (zeros elsewhere);
+        `(B, U, L, D)`, every hidden layer pooled, when the modality's layers are combined (`speech_layers`).
 
         This is what embeddings mode (`speech_embeds` / `text_embeds`) takes, and what an embedding cache stores.
         """
+        all_layers = self.config.embed_layers(modality) is not None
         backbone = getattr(self, f"{modality}_backbone")
         if backbone is None:
             raise ValueError(
@@ -260,16 +290,16 @@ class MisterEModel(MisterEPreTrainedModel):
                     raise ValueError("Speech inputs need `speech_attention_mask` (the processor returns it).")
                 pooled = encode_speech(
                     backbone, inputs[selected], speech_attention_mask[selected], self.config.speech_pooling,
-                    self.config.backbone_chunk_size,
+                    self.config.backbone_chunk_size, all_layers,
                 )
             else:
                 if text_attention_mask is None:
                     raise ValueError("Text inputs need `text_attention_mask` (the processor returns it).")
                 pooled = encode_text(
                     backbone, input_ids[selected], text_attention_mask[selected], self.text_pooling,
-                    self.config.backbone_chunk_size,
+                    self.config.backbone_chunk_size, all_layers,
                 )
-        embeds = pooled.new_zeros(*mask.shape, pooled.shape[-1])
+        embeds = pooled.new_zeros(*mask.shape, *pooled.shape[1:])
         embeds[selected] = pooled
         return embeds
 
@@ -277,13 +307,14 @@ class MisterEModel(MisterEPreTrainedModel):
         """(embeddings `(B, U, D)`, mask `(B, U)`) of one modality, from precomputed embeddings, raw inputs, or none."""
         mask = utterance_mask if mask is None else mask.bool() & utterance_mask
         if embeds is not None:
-            expected = self.config.embed_dim(modality)
-            if embeds.shape[:2] != utterance_mask.shape or embeds.shape[-1] != expected:
+            layers = self.config.embed_layers(modality)
+            expected = (*utterance_mask.shape, *([layers] if layers else []), self.config.embed_dim(modality))
+            if tuple(embeds.shape) != expected:
                 raise ValueError(
-                    f"`{modality}_embeds` must have shape (batch, utterances, {expected}) = "
-                    f"{(*utterance_mask.shape, expected)}, got {tuple(embeds.shape)}."
+                    f"`{modality}_embeds` must have shape (batch, utterances, {'layers, ' if layers else ''}dim) = "
+                    f"{expected}, got {tuple(embeds.shape)}."
                 )
-            return embeds * mask.unsqueeze(-1).to(embeds.dtype), mask
+            return embeds * mask.view(*mask.shape, *[1] * (embeds.dim() - 2)).to(embeds.dtype), mask
         if any(v is not None for v in raw.values()):
             if not mask.any():
                 return None, mask
@@ -303,6 +334,7 @@ class MisterEModel(MisterEPreTrainedModel):
         speech_mask: torch.LongTensor | None = None,
         text_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
+        conversation_state: dict | None = None,
     ) -> MisterEOutput:
         r"""
         Args:
@@ -318,6 +350,11 @@ class MisterEModel(MisterEPreTrainedModel):
             speech_mask / text_mask (`(batch, utterances)`): 1 where an utterance has this modality (e.g. 0 for an
                 utterance without audio). Default: every real utterance, when the modality's inputs are given.
             labels (`(batch, utterances)`): class ids, -100 for padding or unlabelled utterances.
+            conversation_state (`dict`, *optional*): streaming with a causal model (`context_bidirectional=False`):
+                the inputs are one new utterance per conversation (`utterances == 1`), and this dict (empty at the
+                first utterance, then the one returned as `outputs.conversation_state`) carries what the context
+                layers and the cross-modal expert keep of the earlier utterances, so none is recomputed. The outputs
+                equal those of a forward over the whole conversation so far, at its last utterance.
 
         Returns:
             [`MisterEOutput`].
@@ -328,31 +365,20 @@ class MisterEModel(MisterEPreTrainedModel):
             "text": {"input_ids": input_ids, "text_attention_mask": text_attention_mask},
         }
         given_embeds = {"speech": speech_embeds, "text": text_embeds}
-        given_masks = {"speech": speech_mask, "text": text_mask}
         utterance_mask = self._utterance_mask(utterance_mask, raw, given_embeds)
+        if conversation_state is not None:
+            if self.config.context_bidirectional:
+                raise ValueError("`conversation_state` (streaming) needs a causal model: `context_bidirectional=False`.")
+            if utterance_mask.shape[1] != 1 or not utterance_mask.all():
+                raise ValueError("With `conversation_state`, give exactly one new utterance per conversation.")
+            conversation_state.setdefault("context", {})
+            conversation_state.setdefault("fusion", {})
+            conversation_state["turns"] = conversation_state.get("turns", 0) + 1
+        features = self._features(raw, given_embeds, {"speech": speech_mask, "text": text_mask}, utterance_mask,
+                                  None if conversation_state is None else conversation_state["context"])
 
-        features = {}
-        for modality in self.config.modalities:
-            embeds, mask = self._modality_inputs(
-                modality, raw[modality], given_embeds[modality], given_masks[modality], utterance_mask
-            )
-            projected = self.projections[modality](
-                embeds if embeds is not None else self._zeros(utterance_mask, self.config.embed_dim(modality))
-            ) * mask.unsqueeze(-1)
-            context = self.contexts[modality](projected, utterance_mask)
-            features[modality] = ModalityFeatures(utterance=projected, context=context, mask=mask)
-        for modality in MODALITIES:
-            if modality not in features and (given_embeds[modality] is not None or any(
-                v is not None for v in raw[modality].values()
-            )):
-                raise ValueError(f"{modality} inputs were given, but this model has no {modality} modality.")
-
-        present = torch.stack([f.mask for f in features.values()]).any(0)
-        if (utterance_mask & ~present).any():
-            b, u = (utterance_mask & ~present).nonzero()[0].tolist()
-            raise ValueError(f"Conversation {b}, utterance {u} has none of the model's modalities {self.config.modalities}.")
-
-        fused = self.fusion(features, utterance_mask)
+        fused = self.fusion(features, utterance_mask,
+                            **({} if conversation_state is None else {"state": conversation_state["fusion"]}))
         logits = self.head.mix(fused.expert_outputs, fused.gate_weights)
 
         loss, components = None, {}
@@ -370,8 +396,39 @@ class MisterEModel(MisterEPreTrainedModel):
             gate_weights=fused.gate_weights,
             expert_mask=fused.expert_mask,
             utterance_mask=utterance_mask,
+            conversation_state=conversation_state,
             **components,
         )
+
+    def _features(self, raw, given_embeds, given_masks, utterance_mask, context_state=None):
+        """Each modality's `ModalityFeatures`: embeddings (given, or from the backbone), layers combined, projected
+        and put in context. With `context_state` (streaming), the context layers step over one new utterance."""
+        features = {}
+        for modality in self.config.modalities:
+            embeds, mask = self._modality_inputs(
+                modality, raw[modality], given_embeds[modality], given_masks[modality], utterance_mask
+            )
+            if embeds is None:
+                embeds = self._zeros(utterance_mask, self._combined_dim(modality))
+            elif modality in self.layer_combiners:
+                embeds = self.layer_combiners[modality](embeds)
+            projected = self.projections[modality](embeds) * mask.unsqueeze(-1)
+            if context_state is None:
+                context = self.contexts[modality](projected, utterance_mask)
+            else:
+                step, context_state[modality] = self.contexts[modality].step(projected[:, 0], context_state.get(modality))
+                context = step.unsqueeze(1)
+            features[modality] = ModalityFeatures(utterance=projected, context=context, mask=mask)
+        for modality in MODALITIES:
+            if modality not in features and (given_embeds[modality] is not None or any(
+                v is not None for v in raw[modality].values()
+            )):
+                raise ValueError(f"{modality} inputs were given, but this model has no {modality} modality.")
+        present = torch.stack([f.mask for f in features.values()]).any(0)
+        if (utterance_mask & ~present).any():
+            b, u = (utterance_mask & ~present).nonzero()[0].tolist()
+            raise ValueError(f"Conversation {b}, utterance {u} has none of the model's modalities {self.config.modalities}.")
+        return features
 
     def _zeros(self, utterance_mask: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.zeros(*utterance_mask.shape, dim, device=utterance_mask.device, dtype=self.dtype)

@@ -64,6 +64,8 @@ class MisterEOutput(ModelOutput):
             True for real utterances, False for padding.
         mixture_loss, expert_loss, supcon_loss, kl_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Unweighted loss components (present when `labels` are given and the component applies).
+        conversation_state (`dict`, *optional*):
+            Streaming only: the state to pass with the next utterance (see `MisterEModel.forward`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -76,6 +78,7 @@ class MisterEOutput(ModelOutput):
     expert_loss: torch.FloatTensor | None = None
     supcon_loss: torch.FloatTensor | None = None
     kl_loss: torch.FloatTensor | None = None
+    conversation_state: dict | None = None
 
 
 __all__ = ["ModalityFeatures", "FusionOutput", "MisterEOutput"]
