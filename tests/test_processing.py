@@ -52,8 +52,11 @@ def test_audio_file_paths_equal_arrays(tokenizer, tmp_path):
     for name in ("clip.wav", "stereo.wav"):
         from_file = processor(conversations=[[{"audio": str(tmp_path / name), "text": "hi"}]])
         np.testing.assert_allclose(from_file["input_values"], from_array["input_values"], atol=1e-6)
-    with pytest.raises(ConversationInputError, match=r"conversation 0, utterance 0: cannot decode audio file"):
+    with pytest.raises(ConversationInputError, match=r"conversation 0, utterance 0: audio file .*missing.wav' not found"):
         processor(conversations=[[{"audio": str(tmp_path / "missing.wav"), "text": "hi"}]])
+    (tmp_path / "noise.wav").write_bytes(b"not a wave file")
+    with pytest.raises(ConversationInputError, match=r"utterance 0: cannot decode audio file .*noise.wav"):
+        processor(conversations=[[{"audio": str(tmp_path / "noise.wav"), "text": "hi"}]])
 
 
 @pytest.mark.parametrize(
@@ -65,20 +68,21 @@ def test_audio_file_paths_equal_arrays(tokenizer, tmp_path):
         ({"audio": np.zeros(800), "text": "x"}, "needs its `sampling_rate`"),
         ({"audio": np.zeros(800), "sampling_rate": 0, "text": "x"}, "positive whole number"),
         ({"audio": np.zeros(800), "sampling_rate": -16000, "text": "x"}, "positive whole number"),
-        ({"audio": np.zeros(800), "sampling_rate": 16000}, "has no text"),
-        ({"audio": np.zeros(800), "sampling_rate": 16000, "text": None}, "has no text"),
+        ({"audio": np.zeros(800), "sampling_rate": 16000}, "no text"),
+        ({"audio": np.zeros(800), "sampling_rate": 16000, "text": None}, "no text"),
     ],
 )
 def test_bad_utterances_name_conversation_and_utterance(tokenizer, utterance, message):
     processor = MisterEProcessor(feature_extractor("wav2vec2"), tokenizer)
     good = {"audio": np.zeros(800), "sampling_rate": 16000, "text": "fine"}
-    with pytest.raises(ConversationInputError, match=f"conversation 1, utterance 2.*{message}"):
+    with pytest.raises(ConversationInputError, match=f"conversation 1, utterance 2: .*{message}") as error:
         processor(conversations=[[good], [good, good, utterance]])
+    assert (error.value.conversation, error.value.utterance) == (1, 2)
 
 
 def test_bad_batches(tokenizer):
     processor = MisterEProcessor(feature_extractor("wav2vec2"), tokenizer)
-    with pytest.raises(ConversationInputError, match="conversation 1 is empty"):
+    with pytest.raises(ConversationInputError, match="conversation 1: the conversation is empty"):
         processor(conversations=[[{"text": "a"}], []])
     with pytest.raises(ConversationInputError, match="non-empty list of conversations"):
         processor(conversations=[])
@@ -87,7 +91,7 @@ def test_bad_batches(tokenizer):
     with pytest.raises(ValueError, match="needs a feature extractor, a tokenizer, or both"):
         MisterEProcessor()
     speech_only = MisterEProcessor(feature_extractor("wav2vec2"), None)
-    with pytest.raises(ConversationInputError, match="conversation 0, utterance 0 has no audio"):
+    with pytest.raises(ConversationInputError, match="conversation 0, utterance 0: no audio"):
         speech_only(conversations=[[{"text": "words but no sound"}]])
 
 

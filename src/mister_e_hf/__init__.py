@@ -1,19 +1,27 @@
 """mister_e_hf: multimodal (speech + text) Emotion Recognition in Conversations with Hugging Face transformers.
 
-Importing the package registers MiSTER-E with `AutoConfig`, `AutoModel` and `AutoProcessor`.
+Importing the package registers MiSTER-E with `AutoConfig`, `AutoModel` and `AutoProcessor`, and the pipeline task
+`"conversational-emotion-recognition"`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_mister_e import MisterEConfig
 from .modeling_mister_e import MisterEModel, MisterEPreTrainedModel
 from .outputs import MisterEOutput
+from .pipeline import TASK, ConversationalEmotionRecognitionPipeline
 from .processing_mister_e import ConversationInputError, MisterEProcessor
+from .streaming import StreamingEmotionRecognizer
 
 
 AutoConfig.register(MisterEConfig.model_type, MisterEConfig, exist_ok=True)
 AutoModel.register(MisterEConfig, MisterEModel, exist_ok=True)
 AutoProcessor.register(MisterEConfig, MisterEProcessor, exist_ok=True)
+if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=ConversationalEmotionRecognitionPipeline, pt_model=AutoModel, type="multimodal"
+    )
 
 __version__ = "0.1.0"
 
@@ -24,4 +32,6 @@ __all__ = [
     "MisterEOutput",
     "MisterEProcessor",
     "ConversationInputError",
+    "ConversationalEmotionRecognitionPipeline",
+    "StreamingEmotionRecognizer",
 ]

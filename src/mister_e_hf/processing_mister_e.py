@@ -31,11 +31,14 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 class ConversationInputError(ValueError):
-    """Bad input to the processor; the message names the conversation and utterance."""
+    """Bad input to the processor. The message names the conversation and utterance (their positions in the batch),
+    which are also kept as `conversation` and `utterance`, and the problem as `detail`."""
 
-
-def _where(conversation: int, utterance: int | None = None) -> str:
-    return f"conversation {conversation}" + (f", utterance {utterance}" if utterance is not None else "")
+    def __init__(self, detail: str, conversation: int | None = None, utterance: int | None = None):
+        self.detail, self.conversation, self.utterance = detail, conversation, utterance
+        where = "" if conversation is None else f"conversation {conversation}" + (
+            f", utterance {utterance}" if utterance is not None else "")
+        super().__init__(f"{where}: {detail}" if where else detail)
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -46,6 +49,40 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
         raise ImportError(f"Resampling {orig_sr} Hz audio to {target_sr} Hz needs scipy: `pip install scipy`.")
     divisor = math.gcd(int(orig_sr), int(target_sr))
     return resample_poly(audio, int(target_sr) // divisor, int(orig_sr) // divisor).astype(np.float32)
+
+
+def read_audio(audio, sampling_rate=None, conversation: int | None = None, utterance: int | None = None):
+    """`(samples, sampling_rate)` of an utterance's audio: a 1-D array with its rate, or a file path (decoded with
+    soundfile, mixed down to mono). Raises `ConversationInputError` naming the conversation and utterance."""
+    b, u = conversation, utterance
+    if isinstance(audio, (str, os.PathLike)):
+        if soundfile is None:
+            raise ImportError("Reading audio files needs soundfile: `pip install soundfile`.")
+        path = audio
+        if not os.path.isfile(path):
+            raise ConversationInputError(f"audio file {str(path)!r} not found", b, u)
+        try:
+            audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        except Exception as error:
+            raise ConversationInputError(f"cannot decode audio file {str(path)!r}: {error}", b, u) from None
+        audio = audio.mean(axis=1)  # files may be stereo: mix down to mono
+        if sampling_rate is not None and sampling_rate != file_rate:
+            raise ConversationInputError(
+                f"`sampling_rate`={sampling_rate} disagrees with the file's {file_rate} Hz.", b, u
+            )
+        sampling_rate = file_rate
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ConversationInputError(f"audio must be 1-D (mono samples), got shape {audio.shape}.", b, u)
+    if not np.issubdtype(audio.dtype, np.number) or audio.size == 0:
+        raise ConversationInputError(f"audio must be a non-empty numeric array, got dtype {audio.dtype}.", b, u)
+    if not np.isfinite(audio).all():
+        raise ConversationInputError("audio holds NaN or infinite samples.", b, u)
+    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
+        raise ConversationInputError(f"audio needs its `sampling_rate` in Hz, got {sampling_rate!r}.", b, u)
+    if not sampling_rate > 0 or not float(sampling_rate).is_integer():
+        raise ConversationInputError(f"`sampling_rate` must be a positive whole number of Hz, got {sampling_rate}.", b, u)
+    return audio.astype(np.float32), int(sampling_rate)
 
 
 class MisterEProcessor(ProcessorMixin):
@@ -149,34 +186,9 @@ class MisterEProcessor(ProcessorMixin):
             names += ["input_ids", "text_attention_mask", "text_mask"]
         return names
 
-    def _load_audio(self, utterance: dict, where: str) -> np.ndarray:
-        audio = utterance["audio"]
-        sampling_rate = utterance.get("sampling_rate")
-        if isinstance(audio, (str, os.PathLike)):
-            if soundfile is None:
-                raise ImportError("Reading audio files needs soundfile: `pip install soundfile`.")
-            try:
-                audio, file_rate = soundfile.read(audio, dtype="float32", always_2d=True)
-            except Exception as error:
-                raise ConversationInputError(f"{where}: cannot decode audio file {utterance['audio']!r}: {error}") from None
-            audio = audio.mean(axis=1)  # files may be stereo: mix down to mono
-            if sampling_rate is not None and sampling_rate != file_rate:
-                raise ConversationInputError(
-                    f"{where}: `sampling_rate`={sampling_rate} disagrees with the file's {file_rate} Hz."
-                )
-            sampling_rate = file_rate
-        audio = np.asarray(audio)
-        if audio.ndim != 1:
-            raise ConversationInputError(f"{where}: audio must be 1-D (mono samples), got shape {audio.shape}.")
-        if not np.issubdtype(audio.dtype, np.number) or audio.size == 0:
-            raise ConversationInputError(f"{where}: audio must be a non-empty numeric array, got dtype {audio.dtype}.")
-        if not np.isfinite(audio).all():
-            raise ConversationInputError(f"{where}: audio holds NaN or infinite samples.")
-        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
-            raise ConversationInputError(f"{where}: audio needs its `sampling_rate` in Hz, got {sampling_rate!r}.")
-        if not sampling_rate > 0 or not float(sampling_rate).is_integer():
-            raise ConversationInputError(f"{where}: `sampling_rate` must be a positive whole number of Hz, got {sampling_rate}.")
-        return resample(audio.astype(np.float32), int(sampling_rate), self.feature_extractor.sampling_rate)
+    def _load_audio(self, utterance: dict, b: int, u: int) -> np.ndarray:
+        audio, sampling_rate = read_audio(utterance["audio"], utterance.get("sampling_rate"), b, u)
+        return resample(audio, sampling_rate, self.feature_extractor.sampling_rate)
 
     def _check_conversations(self, conversations) -> None:
         if not isinstance(conversations, (list, tuple)) or not conversations:
@@ -185,21 +197,21 @@ class MisterEProcessor(ProcessorMixin):
             raise ConversationInputError("`conversations` must be a list of conversations (lists of utterance dicts).")
         for b, conversation in enumerate(conversations):
             if not isinstance(conversation, (list, tuple)):
-                raise ConversationInputError(f"{_where(b)} must be a list of utterances, got {type(conversation).__name__}.")
+                raise ConversationInputError(f"must be a list of utterances, got {type(conversation).__name__}.", b)
             if not conversation:
-                raise ConversationInputError(f"{_where(b)} is empty.")
+                raise ConversationInputError("the conversation is empty.", b)
             for u, utterance in enumerate(conversation):
                 if not isinstance(utterance, dict):
-                    raise ConversationInputError(f"{_where(b, u)} must be a dict, got {type(utterance).__name__}.")
+                    raise ConversationInputError(f"an utterance must be a dict, got {type(utterance).__name__}.", b, u)
                 text = utterance.get("text")
                 if self.tokenizer is not None and not isinstance(text, str):
                     raise ConversationInputError(
-                        f"{_where(b, u)} has no text (got {text!r}); this model has a text backbone and needs a "
-                        "transcript for every utterance."
+                        f"no text (got {text!r}); this model has a text backbone and needs a transcript for every "
+                        "utterance (the pipeline can transcribe audio with `asr_model=`).", b, u
                     )
                 has_audio = utterance.get("audio") is not None
                 if self.tokenizer is None and self.feature_extractor is not None and not has_audio:
-                    raise ConversationInputError(f"{_where(b, u)} has no audio; this model has only a speech backbone.")
+                    raise ConversationInputError("no audio; this model has only a speech backbone.", b, u)
 
     def __call__(self, conversations=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         """Pads a batch of conversations into model inputs.
@@ -229,7 +241,7 @@ class MisterEProcessor(ProcessorMixin):
             for u, utterance in enumerate(conversation):
                 if utterance.get("audio") is not None:
                     positions.append((b, u))
-                    waveforms.append(self._load_audio(utterance, _where(b, u)))
+                    waveforms.append(self._load_audio(utterance, b, u))
         input_name = self.feature_extractor.model_input_names[0]
         speech_mask = np.zeros((batch, turns), dtype=np.int64)
         if not waveforms:
@@ -276,4 +288,4 @@ class MisterEProcessor(ProcessorMixin):
         return {"input_ids": input_ids, "text_attention_mask": attention, "text_mask": text_mask}
 
 
-__all__ = ["MisterEProcessor", "ConversationInputError", "resample"]
+__all__ = ["MisterEProcessor", "ConversationInputError", "read_audio", "resample"]

@@ -1,0 +1,251 @@
+"""The `mister-e` command: predict, evaluate and plot gate weights with a trained model folder.
+
+    mister-e predict --model runs/meld conversations.jsonl -o predictions.jsonl
+    mister-e evaluate --model runs/meld --dataset meld --data_dir data/meld --split test
+    mister-e plot-gates --model runs/meld conversation.json -o gates.png
+
+Bad input ends with one line naming the file, conversation and utterance, a non-zero exit status, and no output
+file (outputs are written to a temporary file and moved into place only when complete).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yields a temporary path beside `path` (same suffix); it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _resolve(utterance: dict, folder: Path) -> dict:
+    audio = utterance.get("audio")
+    if isinstance(audio, str) and not os.path.isabs(audio):
+        utterance = {**utterance, "audio": str(folder / audio)}
+    return utterance
+
+
+def _conversation(value, where: str) -> tuple[str | None, list[dict]]:
+    """`(conversation_id, utterances)` from a list of utterances or `{"conversation_id": ..., "utterances": [...]}`."""
+    if isinstance(value, dict):
+        if "utterances" not in value:
+            raise CliError(f"{where}: a conversation object needs an 'utterances' list")
+        conversation_id, value = value.get("conversation_id"), value["utterances"]
+    else:
+        conversation_id = None
+    if not isinstance(value, list) or not value:
+        raise CliError(f"{where}: a conversation must be a non-empty list of utterances")
+    for turn, utterance in enumerate(value):
+        if not isinstance(utterance, dict):
+            raise CliError(f"{where}, utterance {turn}: an utterance must be an object with 'text' and/or 'audio'")
+    return conversation_id, value
+
+
+def read_conversations(path: str) -> list[tuple[str, str, list[dict]]]:
+    """`(position in the file, conversation_id, utterances)` of a JSONL file (one conversation per line) or a JSON
+    file (one conversation, or a list of them), with audio paths resolved against the file's folder."""
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"{path}: no such file")
+    try:
+        if file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as f:
+                items = [(f"{path}, line {n}", json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+        else:
+            value = json.loads(file.read_text(encoding="utf-8"))
+            single = isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)
+                                                 and "utterances" not in value[0])
+            items = [(path, value)] if single else [(f"{path}, conversation {i}", v) for i, v in enumerate(value)]
+    except json.JSONDecodeError as error:
+        raise CliError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not items:
+        raise CliError(f"{path}: no conversations")
+    conversations = []
+    for index, (position, value) in enumerate(items):
+        conversation_id, utterances = _conversation(value, position)
+        conversation_id = str(conversation_id) if conversation_id is not None else str(index)
+        conversations.append((position, conversation_id, [_resolve(u, file.parent) for u in utterances]))
+    return conversations
+
+
+def load(model_path: str):
+    """(model, processor) from a saved model folder."""
+    import mister_e_hf  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModel, AutoProcessor
+
+    if not Path(model_path).is_dir() or not (Path(model_path) / "config.json").exists():
+        raise CliError(f"{model_path}: not a saved model folder (no config.json)")
+    return AutoModel.from_pretrained(model_path).eval(), AutoProcessor.from_pretrained(model_path)
+
+
+def _recognizer(model_path: str):
+    from transformers import pipeline
+
+    from .pipeline import TASK
+
+    model, processor = load(model_path)
+    return pipeline(TASK, model=model, processor=processor)
+
+
+def _run(recognizer, conversations, batch_size: int, asr_model=None) -> list[list[dict]]:
+    """Pipeline outputs per conversation, in batches; bad input is reported with its place in the file."""
+    from .processing_mister_e import ConversationInputError
+
+    options = {"asr_model": asr_model} if asr_model else {}
+    outputs = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start : start + batch_size]
+        try:
+            outputs.extend(recognizer([utterances for _, _, utterances in chunk], batch_size=len(chunk), **options))
+        except ConversationInputError as error:
+            if error.conversation is None:
+                raise CliError(str(error)) from None
+            position, conversation_id, _ = chunk[error.conversation]
+            utterance = f", utterance {error.utterance}" if error.utterance is not None else ""
+            raise CliError(f"{position} (conversation {conversation_id!r}{utterance}): {error.detail}") from None
+    return outputs
+
+
+def predict(args) -> None:
+    conversations = read_conversations(args.conversations)
+    outputs = _run(_recognizer(args.model), conversations, args.batch_size, args.asr_model)
+    lines = [
+        json.dumps({"conversation_id": conversation_id, "turn": turn, **prediction}, ensure_ascii=False)
+        for (_, conversation_id, _), predictions in zip(conversations, outputs)
+        for turn, prediction in enumerate(predictions)
+    ]
+    if args.output:
+        with atomic_output(args.output) as temporary:
+            Path(temporary).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+
+
+def evaluate(args) -> None:
+    import numpy as np
+    import torch
+
+    from .data import DataCollatorForConversations, load_corpus
+    from .metrics import load_erc_metric
+
+    model, processor = load(args.model)
+    options = {"data_dir": args.data_dir}
+    if args.label_set:
+        options["label_set" if args.dataset != "meld" else "label_column"] = args.label_set
+    if args.fold is not None:
+        options["fold"] = args.fold
+    datasets, _ = load_corpus(args.dataset, **options)
+    if args.split not in datasets:
+        raise CliError(f"{args.dataset} has no split {args.split!r}; it has {sorted(datasets)}")
+    dataset = datasets[args.split]
+    label_names = dataset.features["labels"].feature.names
+    model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if model_labels != label_names:
+        raise CliError(f"{args.model} predicts {model_labels}, but {args.dataset} is labelled {label_names}")
+    collate = DataCollatorForConversations(processor)
+    predicted, true, gates = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(dataset), args.batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + args.batch_size, len(dataset)))])
+            labels = batch.pop("labels")
+            outputs = model(**batch)
+            mask = labels != -100
+            predicted.append(outputs.logits.argmax(-1)[mask])
+            true.append(labels[mask])
+            gates.append(outputs.gate_weights[mask])
+    predicted, true, gates = (torch.cat(x).numpy() for x in (predicted, true, gates))
+    results = load_erc_metric().compute(predictions=predicted, references=true, label_names=label_names)
+    results.update({f"gate_{name}": float(w) for name, w in zip(model.expert_names, np.mean(gates, 0))})
+    results = {f"{args.split}_{k}": v for k, v in results.items()}
+    text = json.dumps(results, indent=1)
+    if args.output:
+        with atomic_output(args.output) as temporary:
+            Path(temporary).write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+def plot_gates(args) -> None:
+    from .plotting import plot_gate_weights_along_turns
+
+    conversations = read_conversations(args.conversation)
+    if len(conversations) != 1:
+        raise CliError(f"{args.conversation}: plot-gates takes one conversation, found {len(conversations)}")
+    recognizer = _recognizer(args.model)
+    (predictions,) = _run(recognizer, conversations, 1, args.asr_model)
+    experts = recognizer.model.expert_names
+    gates = [[p["gate_weights"][e] for e in experts] for p in predictions]
+    labels = [f"{t}: {p['label']}" for t, p in enumerate(predictions)]
+    with atomic_output(args.output) as temporary:
+        plot_gate_weights_along_turns(gates, experts, temporary, labels=labels)
+    print(f"wrote {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mister-e", description="Emotion recognition in conversations with MiSTER-E.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("predict", help="predict the emotion of every utterance; JSONL out, one line per utterance")
+    p.add_argument("conversations", help="JSONL (one conversation per line) or JSON file")
+    p.add_argument("--model", required=True, help="a saved model folder")
+    p.add_argument("-o", "--output", help="write JSONL here instead of standard output")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--asr_model", help="speech-recognition model for utterances with audio but no text")
+    p.set_defaults(run=predict)
+
+    p = commands.add_parser("evaluate", help="the training metrics of a model on a corpus split")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True, choices=["meld", "iemocap", "mosi", "emodb", "manifest"])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--label_set")
+    p.add_argument("--fold", type=int)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("-o", "--output", help="also write the metrics as JSON here")
+    p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("plot-gates", help="plot the experts' gate weights along the turns of a conversation")
+    p.add_argument("conversation", help="JSON file with one conversation")
+    p.add_argument("--model", required=True)
+    p.add_argument("-o", "--output", required=True, help="PNG file")
+    p.add_argument("--asr_model")
+    p.set_defaults(run=plot_gates)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # only our results and one-line errors on the terminal
+    logging.disable_progress_bar()
+    try:
+        args.run(args)
+    except CliError as error:
+        print(f"mister-e: error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:  # corpus errors, unreadable files: still one line
+        print(f"mister-e: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

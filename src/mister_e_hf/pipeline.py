@@ -1,0 +1,120 @@
+"""`pipeline("conversational-emotion-recognition", model=...)`: conversations in, per-utterance emotions out.
+
+```python
+import mister_e_hf
+from transformers import pipeline
+
+recognizer = pipeline("conversational-emotion-recognition", model="my-model")
+recognizer([{"audio": "turn1.wav", "text": "Hi!"}, {"audio": "turn2.wav", "text": "Leave me alone."}])
+# [{"label": "neutral", "score": 0.71, "scores": {...}, "gate_weights": {"speech": 0.2, ...}}, ...]
+```
+
+Input: one conversation (a list of `{"audio": path | array, "sampling_rate": ..., "text": ...}`) or a list of them.
+Utterances without text can be transcribed first by any transformers speech-recognition model (`asr_model=`).
+"""
+
+from transformers import Pipeline
+
+from .processing_mister_e import read_audio, resample
+
+
+class ConversationalEmotionRecognitionPipeline(Pipeline):
+    """Emotion of every utterance of one or many conversations, with the experts' gate weights.
+
+    Call parameters: `batch_size` (conversations per model call; results do not depend on it), `asr_model` (a
+    speech-recognition model id, folder or pipeline, used for utterances that have audio but no text).
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    _load_image_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._asr = {}
+
+    def _sanitize_parameters(self, asr_model=None, **kwargs):
+        preprocess = {"asr_model": asr_model} if asr_model is not None else {}
+        return preprocess, {}, {}
+
+    def __call__(self, conversations, batch_size: int | None = None, **kwargs):
+        single = isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict)
+        batch = [conversations] if single else list(conversations)
+        preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        preprocess_params = {**self._preprocess_params, **preprocess_params}
+        size = batch_size or self._batch_size or 1
+        results = []
+        for start in range(0, len(batch), size):
+            inputs = self.preprocess(batch[start : start + size], **preprocess_params)
+            results.extend(self.postprocess(self.forward(inputs, **forward_params), **postprocess_params))
+        return results[0] if single else results
+
+    # -------------------------------------------------------------------------------------------- stages
+    def _transcriber(self, asr_model):
+        if not isinstance(asr_model, str):
+            return asr_model  # already a pipeline
+        if asr_model not in self._asr:
+            from transformers import pipeline
+
+            self._asr[asr_model] = pipeline("automatic-speech-recognition", model=asr_model, device=self.device)
+        return self._asr[asr_model]
+
+    def _fill_transcripts(self, conversations, asr_model):
+        """Copies of the conversations where each utterance with audio but no text gets the ASR transcript."""
+        filled = []
+        for b, conversation in enumerate(conversations):
+            utterances = []
+            for u, utterance in enumerate(conversation):
+                utterance = dict(utterance)
+                if utterance.get("text") is None and utterance.get("audio") is not None and asr_model is not None:
+                    samples, rate = read_audio(utterance["audio"], utterance.get("sampling_rate"), b, u)
+                    transcriber = self._transcriber(asr_model)
+                    target = transcriber.feature_extractor.sampling_rate  # resampled here: no torchaudio needed
+                    samples = resample(samples, rate, target)
+                    utterance["text"] = transcriber({"raw": samples, "sampling_rate": target})["text"].strip()
+                    utterance["transcribed"] = True
+                utterances.append(utterance)
+            filled.append(utterances)
+        return filled
+
+    def preprocess(self, conversations, asr_model=None):
+        conversations = self._fill_transcripts(conversations, asr_model)
+        inputs = dict(self.processor(conversations=conversations, return_tensors="pt"))
+        inputs["_texts"] = [[u.get("text") if u.get("transcribed") else None for u in c] for c in conversations]
+        return inputs
+
+    def _forward(self, inputs):
+        texts = inputs.pop("_texts")
+        outputs = self.model(**inputs)
+        return {"logits": outputs.logits, "gate_weights": outputs.gate_weights,
+                "utterance_mask": outputs.utterance_mask, "texts": texts}
+
+    def postprocess(self, outputs):
+        id2label = self.model.config.id2label
+        experts = self.model.expert_names
+        probabilities = outputs["logits"].float().exp().cpu()
+        gates = outputs["gate_weights"].float().cpu()
+        lengths = outputs["utterance_mask"].sum(1).tolist()
+        results = []
+        for b, length in enumerate(lengths):
+            conversation = []
+            for t in range(length):
+                p = probabilities[b, t]
+                best = int(p.argmax())
+                item = {
+                    "label": id2label[best],
+                    "score": float(p[best]),
+                    "scores": {id2label[i]: float(v) for i, v in enumerate(p)},
+                    "gate_weights": dict(zip(experts, gates[b, t].tolist())),
+                }
+                if outputs["texts"][b][t] is not None:
+                    item["transcript"] = outputs["texts"][b][t]
+                conversation.append(item)
+            results.append(conversation)
+        return results
+
+
+TASK = "conversational-emotion-recognition"
+
+__all__ = ["ConversationalEmotionRecognitionPipeline", "TASK"]
