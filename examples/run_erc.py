@@ -27,7 +27,7 @@ import transformers
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor
+from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor, hub
 from mister_e_hf.cache import add_cached_embeddings
 from mister_e_hf.data import DataCollatorForConversations, load_corpus
 from mister_e_hf.finetuning import finetune_backbone
@@ -307,15 +307,15 @@ def main():
             results.update(metrics)
     logger.info("Results: " + json.dumps({k: v for k, v in results.items() if "f1" in k or "acc" in k}, indent=1))
 
+    repo_id = training_args.hub_model_id or output_dir.name
+    details = "".join(f", {name} {value}" for name, value in (("label set", data_args.label_set),
+                                                              ("fold", data_args.fold)) if value is not None)
     write_model_card(output_dir, model, dataset=data_args.dataset, label_names=label_names, results=results,
-                     training_args=training_args, data_report=report)
-    if push_to_hub:
-        from huggingface_hub import upload_folder
-
-        repo_id = training_args.hub_model_id or output_dir.name
-        upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "runs/*"],
-                      commit_message="Upload MiSTER-E model, processor, code and card", token=training_args.hub_token)
-        logger.info(f"Pushed to {repo_id}")
+                     training_args=training_args, data_report=report, repo_id=repo_id, dataset_details=details)
+    if push_to_hub:  # model, processor, code, card and results in one commit; checkpoints stay local
+        commit = hub.push_to_hub(output_dir, repo_id, token=training_args.hub_token,
+                                 private=training_args.hub_private_repo)
+        logger.info(f"Pushed to {commit.commit_url}")
 
 
 if __name__ == "__main__":

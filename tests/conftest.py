@@ -2,9 +2,19 @@
 
 import pytest
 import torch
-from helpers import SPECIAL_TOKENS, TINY_HEAD, WORDS, feature_extractor, speech_config, text_config
+from helpers import (
+    SPECIAL_TOKENS,
+    TINY_HEAD,
+    WORDS,
+    common_args,
+    feature_extractor,
+    run_erc,
+    speech_config,
+    text_config,
+    write_corpus,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import BertModel, PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor
 
@@ -39,3 +49,29 @@ def build(tokenizer):
     return _build
 
 
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory, tokenizer):
+    """Two tiny random backbones saved like Hub checkpoints (weights + feature extractor / tokenizer)."""
+    folder = tmp_path_factory.mktemp("backbones")
+    torch.manual_seed(0)
+    Wav2Vec2Model(speech_config("wav2vec2")).save_pretrained(folder / "speech")
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, return_attention_mask=True).save_pretrained(
+        folder / "speech")
+    BertModel(text_config("bert", len(tokenizer))).save_pretrained(folder / "text")
+    tokenizer.save_pretrained(folder / "text")
+    return folder / "speech", folder / "text"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_backbones, corpus):
+    """(output folder, embedding cache folder) of one `examples/run_erc.py` run on the tiny corpus, frozen backbones."""
+    folder = tmp_path_factory.mktemp("trained")
+    result = run_erc(*common_args(tiny_backbones, corpus, folder / "run", folder / "cache"), "--num_train_epochs", "3",
+                     "--learning_rate", "3e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run", folder / "cache"

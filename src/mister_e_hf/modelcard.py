@@ -1,40 +1,128 @@
-"""Model cards for trained MiSTER-E checkpoints, filled from what a run measured (nothing typed by hand)."""
+"""Model cards for trained MiSTER-E checkpoints, filled from what a run measured: nothing in a card is typed by hand.
 
+The template is `model_cards/mister_e.md` (shipped in the package as `model_card_template.md`); the numbers go both
+into the text and into the `model-index` metadata (`EvalResult`), which the Hub shows and `ModelCard.load` parses.
+"""
+
+import os
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-def write_model_card(output_dir, model, dataset: str, label_names, results: dict, training_args=None, data_report=None):
-    """Writes `README.md` in `output_dir`: backbones, labels, measured results (also as `model-index` metadata)."""
-    config = model.config
-    eval_results = [
+METRICS = ("weighted_f1", "accuracy", "macro_f1")
+SPLITS = (("validation", "eval"), ("test", "test"))
+DATASET_NOTES = {
+    "meld": "TV-series dialogue (Friends), English, multi-party; neutral dominates",
+    "iemocap": "ten actors in dyadic scripted and improvised sessions, English",
+    "mosi": "YouTube opinion monologues, English; sentiment, not emotion",
+    "emodb": "ten German actors reading ten neutral sentences in seven acted emotions",
+    "manifest": "a user-provided corpus; see its documentation",
+}
+
+
+def _backbone(config, modality: str, model) -> str:
+    name = getattr(config, f"{modality}_backbone_name_or_path")
+    backbone_config = config.backbone_config(modality)
+    if backbone_config is None:
+        dim = getattr(config, f"{modality}_embed_dim")
+        return f"none (precomputed {dim}-d embeddings)" if dim else "none"
+    from .cache import weights_digest
+
+    frozen = "frozen" if getattr(config, f"freeze_{modality}_backbone") else "fine-tuned"
+    digest = weights_digest(getattr(model, f"{modality}_backbone"))[:12]
+    layers = getattr(config, f"{modality}_layers")
+    return (f"`{name or backbone_config.model_type}` ({backbone_config.model_type}, {frozen}, weights digest "
+            f"`{digest}`, layers: {layers})")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.exists(name) and name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def eval_results(results: dict, dataset: str) -> list[EvalResult]:
+    return [
         EvalResult(task_type="audio-classification", task_name="Emotion Recognition in Conversations",
                    dataset_type=dataset, dataset_name=dataset, dataset_split=split, metric_type=metric,
-                   metric_name=metric.replace("_", " "), metric_value=round(float(results[f"{prefix}_{metric}"]), 4))
-        for split, prefix in (("validation", "eval"), ("test", "test"))
-        for metric in ("weighted_f1", "accuracy", "macro_f1")
+                   metric_name=metric.replace("_", " "), metric_value=float(results[f"{prefix}_{metric}"]))
+        for split, prefix in SPLITS
+        for metric in METRICS
         if f"{prefix}_{metric}" in results
     ]
-    data = ModelCardData(library_name="transformers", tags=["emotion-recognition", "mister-e", "multimodal"],
-                         model_name=Path(output_dir).name, eval_results=eval_results or None)
-    lines = [
-        f"# {Path(output_dir).name}",
-        "",
-        "MiSTER-E (Mixture of Speech-Text Experts for Recognition of Emotions) trained with `mister_e_hf`.",
-        "",
-        f"- speech backbone: {config.speech_backbone_name_or_path or 'none'}",
-        f"- text backbone: {config.text_backbone_name_or_path or 'none'}",
-        f"- dataset: {dataset}; labels: {', '.join(label_names)}",
-        f"- experts: {', '.join(model.expert_names)}",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {v:.4f} |" for k, v in sorted(results.items()) if isinstance(v, float)],
+
+
+def _table(rows: list[tuple[str, str]], header=("", "")) -> str:
+    return "\n".join([f"| {header[0]} | {header[1]} |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows]])
+
+
+def build_model_card(model, dataset: str, label_names, results: dict, training_args=None, data_report=None,
+                     repo_id: str | None = None, dataset_details: str = "") -> ModelCard:
+    """A filled-in `ModelCard` for a trained model and the metrics measured on it."""
+    config = model.config
+    backbones = [getattr(config, f"{m}_backbone_name_or_path") for m in config.modalities]
+    card_data = ModelCardData(
+        library_name="transformers",
+        tags=["emotion-recognition", "emotion-recognition-in-conversations", "mister-e", "multimodal"],
+        datasets=[dataset] if dataset != "manifest" else None,
+        metrics=["f1", "accuracy"],
+        base_model=[b for b in backbones if _is_hub_id(b)] or None,
+        model_name=repo_id or "MiSTER-E",
+        eval_results=eval_results(results, dataset) or None,
+    )
+    result_rows = [
+        (f"{split} {metric.replace('_', ' ')}", f"{100 * results[f'{prefix}_{metric}']:.1f}")
+        for split, prefix in SPLITS for metric in METRICS if f"{prefix}_{metric}" in results
     ]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines) + "\n")
+    result_rows += [(f"{split} F1 {name}", f"{100 * results[f'{prefix}_f1_{name}']:.1f}")
+                    for split, prefix in SPLITS[1:] for name in label_names if f"{prefix}_f1_{name}" in results]
+    result_rows += [(f"test mean gate weight, {name}", f"{results[f'test_gate_{name}']:.2f}")
+                    for name in model.expert_names if f"test_gate_{name}" in results]
+    training_rows = []
+    if training_args is not None:
+        for name in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay",
+                     "warmup_steps", "lr_scheduler_type", "seed", "metric_for_best_model"):
+            training_rows.append((name, str(getattr(training_args, name))))
+    for name in ("projection_dim", "context_kernel_sizes", "context_hidden_size", "context_num_layers",
+                 "context_bidirectional", "dropout", "expert_loss_weight", "supcon_weight", "supcon_temperature",
+                 "kl_weight", "focal_gamma", "gate_temperature"):
+        training_rows.append((name, str(getattr(config, name))))
+    parameters = sum(p.numel() for p in model.parameters())
+    backbone_parameters = sum(p.numel() for m in config.modalities if getattr(model, f"{m}_backbone", None)
+                              is not None for p in getattr(model, f"{m}_backbone").parameters())
+    report = ""
+    if data_report is not None:
+        report = "Data loading: " + "; ".join(data_report.summary().splitlines()) + "."
+    template = files("mister_e_hf").joinpath("model_card_template.md").read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=repo_id or "MiSTER-E",
+        repo_id=repo_id or "path/to/this/folder",
+        experts_sentence=f"The gate weighs {len(model.expert_names)} experts per utterance.",
+        speech_backbone=_backbone(config, "speech", model),
+        text_backbone=_backbone(config, "text", model),
+        experts=", ".join(model.expert_names),
+        fusion=config.fusion,
+        head=config.head,
+        labels=", ".join(label_names),
+        parameters=f"{parameters / 1e6:.1f} M",
+        trainable=f"{(parameters - backbone_parameters) / 1e6:.2f} M",
+        dataset=dataset,
+        dataset_details=dataset_details,
+        dataset_bias=DATASET_NOTES.get(dataset, DATASET_NOTES["manifest"]),
+        results_table=_table(result_rows, ("metric", "value")) if result_rows else "No evaluation was run.",
+        data_report=report,
+        training_table=_table(training_rows, ("setting", "value")),
+    )
+
+
+def write_model_card(output_dir, model, dataset: str, label_names, results: dict, training_args=None,
+                     data_report=None, repo_id: str | None = None, dataset_details: str = "") -> ModelCard:
+    """Writes the card as `README.md` in `output_dir` and returns it."""
+    card = build_model_card(model, dataset, label_names, results, training_args, data_report, repo_id, dataset_details)
     card.save(str(Path(output_dir) / "README.md"))
     return card
 
 
-__all__ = ["write_model_card"]
+__all__ = ["build_model_card", "write_model_card", "eval_results"]

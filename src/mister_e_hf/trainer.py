@@ -1,10 +1,12 @@
 """`MisterETrainer`: `Trainer` with MiSTER-E's losses logged one by one, and predictions that keep the gate weights."""
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import EvalPrediction, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .outputs import MisterEOutput
 
@@ -55,6 +57,13 @@ class MisterETrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(self._pop_components("eval", prefix=f"{metric_key_prefix}_"))
         return output
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Saves like `Trainer`, but the training arguments as JSON (`training_args.json`) instead of a pickle."""
+        super()._save(output_dir, state_dict)
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        (output_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        (output_dir / "training_args.json").write_text(self.args.to_json_string() + "\n")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
