@@ -249,3 +249,18 @@ def test_weighted_layers_learn_over_every_hidden_layer(build):
     with pytest.raises(Exception, match="needs `text_embed_layers`"):
         MisterEConfig(text_embed_dim=8, text_layers="weighted")
     assert MisterEModel(MisterEConfig(text_embed_dim=8, text_layers="weighted", text_embed_layers=4, **TINY_HEAD))
+
+
+def test_ablation_switches_no_gate_and_no_context(build):
+    model, processor = build("wav2vec2", "bert", gate_type="mean", context_layer="none")
+    conversations = make_conversations([3], seed=14)
+    conversations[0][1].pop("audio")
+    inputs = processor(conversations=conversations)
+    with torch.no_grad():
+        out = model(**inputs)
+    torch.testing.assert_close(out.gate_weights[0], torch.tensor([[1 / 3] * 3, [0.0, 1.0, 0.0], [1 / 3] * 3]))
+    assert not list(model.contexts.parameters()) and not list(model.fusion.gate.parameters())
+    with pytest.raises(Exception, match="Unknown gate_type"):
+        MisterEConfig(text_embed_dim=8, gate_type="sparse")
+    with pytest.raises(Exception, match="Unknown context_layer"):
+        MisterEConfig(text_embed_dim=8, context_layer="transformer")

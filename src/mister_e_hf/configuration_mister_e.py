@@ -74,6 +74,8 @@ class MisterEConfig(PreTrainedConfig):
 
     projection_dim: int = 256
     """Size of each modality's utterance representation after the input projection."""
+    context_layer: str = "conv-gru"
+    """The context layer over a conversation's utterances: `conv-gru` (the paper's), or `none` (ablation)."""
     context_kernel_sizes: list[int] = field(default_factory=lambda: [1, 3, 5])
     """Kernel sizes of the parallel 1-D convolutions over a conversation's utterances (their outputs are summed)."""
     context_hidden_size: int = 128
@@ -90,6 +92,8 @@ class MisterEConfig(PreTrainedConfig):
     """Hidden size of the cross-modal expert's classifier."""
     gate_hidden_size: int = 16
     """Hidden size of the gate, which reads the experts' logits."""
+    gate_type: str = "learned"
+    """How experts are weighed: `learned` (the paper's gate) or `mean` (equal weights; ablation)."""
     gate_temperature: float = 2.0
     """Temperature of the gate's softmax over experts (higher = smoother mixtures)."""
     dropout: float = 0.2
@@ -148,7 +152,9 @@ class MisterEConfig(PreTrainedConfig):
 
     def validate_mister_e(self):
         """Checked at construction: names exist in their registries and sizes are consistent."""
+        from .fusion_mister_e import GATES
         from .fusions import FUSIONS
+        from .modeling_mister_e import CONTEXT_LAYERS
         from .heads import HEADS
         from .layer_combiners import LAYER_COMBINERS
         from .pooling import POOLINGS
@@ -178,6 +184,8 @@ class MisterEConfig(PreTrainedConfig):
             ("text_pooling", self.text_pooling, {**POOLINGS, "auto": None}),
             ("fusion", self.fusion, FUSIONS),
             ("head", self.head, HEADS),
+            ("gate_type", self.gate_type, GATES),
+            ("context_layer", self.context_layer, CONTEXT_LAYERS),
         ):
             if value not in registry:
                 raise ValueError(f"Unknown {name} {value!r}; choose one of {sorted(registry)}.")

@@ -126,6 +126,21 @@ class ExpertGate(nn.Module):
         return scores.softmax(-1) * expert_mask
 
 
+class MeanGate(nn.Module):
+    """No learned gate: every available expert gets the same weight (the "no gate" ablation)."""
+
+    def __init__(self, num_experts: int, num_outputs: int, hidden_size: int, temperature: float, dropout: float):
+        super().__init__()
+
+    def forward(self, expert_outputs: torch.Tensor, expert_mask: torch.Tensor) -> torch.Tensor:
+        weights = expert_mask.to(expert_outputs.dtype)
+        return weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+GATES = {"learned": ExpertGate, "mean": MeanGate}
+"""Registry of gates by the name used in `MisterEConfig.gate_type`."""
+
+
 class MisterEFusion(nn.Module):
     """The experts and gate of MiSTER-E.
 
@@ -141,7 +156,7 @@ class MisterEFusion(nn.Module):
             {m: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, num_outputs)) for m, d in context_dims.items()}
         )
         self.cross_modal = CrossModalExpert(config, num_outputs) if len(context_dims) == 2 else None
-        self.gate = ExpertGate(
+        self.gate = GATES[config.gate_type](
             len(self.expert_names(config)), num_outputs, config.gate_hidden_size, config.gate_temperature,
             config.dropout,
         )
@@ -182,4 +197,4 @@ class MisterEFusion(nn.Module):
         )
 
 
-__all__ = ["MisterEFusion", "CrossModalExpert", "CoAttentionBlock", "ExpertGate"]
+__all__ = ["MisterEFusion", "CrossModalExpert", "CoAttentionBlock", "ExpertGate", "MeanGate", "GATES"]

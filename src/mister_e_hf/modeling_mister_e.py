@@ -122,6 +122,24 @@ class ConversationContext(nn.Module):
         return recurrent[:, 0] + self.skip(inputs), {"inputs": recent[:, 1:], "gru": gru_state}
 
 
+class NoContext(nn.Module):
+    """No context layer: each utterance's representation is its own projection (the "no context" ablation)."""
+
+    def __init__(self, input_size: int, config: MisterEConfig):
+        super().__init__()
+        self.output_size = input_size
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return inputs * mask.unsqueeze(-1)
+
+    def step(self, inputs: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
+        return inputs, {}
+
+
+CONTEXT_LAYERS = {"conv-gru": ConversationContext, "none": NoContext}
+"""Registry of context layers by the name used in `MisterEConfig.context_layer`."""
+
+
 class MisterEPreTrainedModel(PreTrainedModel):
     config_class = MisterEConfig
     base_model_prefix = "mister_e"
@@ -184,7 +202,8 @@ class MisterEModel(MisterEPreTrainedModel):
             {m: UtteranceProjection(self._combined_dim(m), config.projection_dim, config.dropout)
              for m in config.modalities}
         )
-        self.contexts = nn.ModuleDict({m: ConversationContext(config.projection_dim, config) for m in config.modalities})
+        context_class = CONTEXT_LAYERS[config.context_layer]
+        self.contexts = nn.ModuleDict({m: context_class(config.projection_dim, config) for m in config.modalities})
         self.head = HEADS[config.head](config)
         fusion_class = FUSIONS[config.fusion]
         self.expert_names = fusion_class.expert_names(config)
