@@ -51,6 +51,11 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Start from a saved MiSTER-E model instead of fresh layers on backbones."}
     )
+    head: str = field(
+        default="classification",
+        metadata={"help": "classification (emotion classes) or regression (dimensions given by --label_columns).",
+                  "choices": ["classification", "regression"]},
+    )
     freeze_backbones: bool = field(
         default=False, metadata={"help": "Keep both backbones fixed and train on cached utterance embeddings."}
     )
@@ -88,6 +93,11 @@ class DataArguments:
         metadata={"help": "meld: emotion|sentiment; iemocap: 4|6; mosi: binary|binary-non0|7."},
     )
     fold: int | None = field(default=None, metadata={"help": "iemocap: test session 1-5; emodb: speaker fold 0-4."})
+    label_columns: str | None = field(
+        default=None,
+        metadata={"help": "Regression targets: comma-separated per-turn columns, e.g. valence,arousal,dominance "
+                          "(IEMOCAP) or score (MOSI)."},
+    )
     emodb_validation: bool = field(
         default=True, metadata={"help": "emodb: hold out the next speaker fold for model selection."}
     )
@@ -181,6 +191,8 @@ def load_data(data_args: DataArguments):
 
 
 def build_model(model_args: ModelArguments, label_names: list[str]):
+    """(model, processor): a saved MiSTER-E model, or fresh MiSTER-E layers around the given backbones; for a
+    regression head `label_names` are the dimensions."""
     if model_args.model_name_or_path:
         model = MisterEModel.from_pretrained(model_args.model_name_or_path)
         processor = MisterEProcessor.from_pretrained(model_args.model_name_or_path)
@@ -197,17 +209,21 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
         freeze_speech_backbone=frozen,
         freeze_text_backbone=frozen,
         id2label=dict(enumerate(label_names)),
+        head=model_args.head,
         **parse_overrides(model_args.config_overrides),
     )
     processor = MisterEProcessor.from_backbones(model_args.speech_model_name_or_path, model_args.text_model_name_or_path)
     return model, processor
 
 
-def evaluate_split(trainer, dataset, split, label_names, expert_names, output_dir):
-    """Metrics of one split under `<split>_` names, with a confusion-matrix PNG and mean gate weights per class."""
+def evaluate_split(trainer, dataset, split, label_names, expert_names, output_dir, head="classification"):
+    """Metrics of one split under `<split>_` names; for classification also a confusion-matrix PNG (and JSON) and the
+    mean gate weights per class."""
     prediction = trainer.predict(dataset, metric_key_prefix=split)
     predicted, true, probabilities, gates = flatten_predictions(prediction.predictions, prediction.label_ids)
     metrics = dict(prediction.metrics)
+    if head == "regression":  # CCC / MAE per dimension come from compute_metrics
+        return metrics
     extra = {}
     if "score" in dataset.column_names:  # CMU-MOSI: binary accuracy/F1 (has-0, non-0), MAE and Pearson of the score
         scores = np.array([s for row, labels in zip(dataset["score"], dataset["labels"])
@@ -253,7 +269,12 @@ def main():
     datasets, report = load_data(data_args)
     report.save(output_dir / "data_report.json")
     logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
-    label_names = datasets["train"].features["labels"].feature.names
+    label_columns = data_args.label_columns.split(",") if data_args.label_columns else None
+    if (model_args.head == "regression") != bool(label_columns):
+        raise ValueError("A regression head needs --label_columns (and --label_columns needs --head regression).")
+    label_names = label_columns or datasets["train"].features["labels"].feature.names
+    if model_args.head == "regression" and training_args.metric_for_best_model == "weighted_f1":
+        training_args.metric_for_best_model = "ccc_mean"
 
     model, processor = build_model(model_args, label_names)
     if model_args.backbone_finetuning != "none":
@@ -285,9 +306,9 @@ def main():
         args=training_args,
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("validation"),
-        data_collator=DataCollatorForConversations(processor),
+        data_collator=DataCollatorForConversations(processor, label_columns=label_columns),
         processing_class=processor,
-        compute_metrics=build_compute_metrics(label_names, model.expert_names),
+        compute_metrics=build_compute_metrics(label_names, model.expert_names, head=model_args.head),
         callbacks=callbacks,
     )
 
@@ -302,10 +323,12 @@ def main():
     for split in ("validation", "test"):
         if split in datasets:
             prefix = "eval" if split == "validation" else "test"
-            metrics = evaluate_split(trainer, datasets[split], prefix, label_names, model.expert_names, output_dir)
+            metrics = evaluate_split(trainer, datasets[split], prefix, label_names, model.expert_names, output_dir,
+                                     model_args.head)
             trainer.save_metrics(prefix, metrics)
             results.update(metrics)
-    logger.info("Results: " + json.dumps({k: v for k, v in results.items() if "f1" in k or "acc" in k}, indent=1))
+    logger.info("Results: " + json.dumps({k: v for k, v in results.items() if any(
+        name in k for name in ("f1", "acc", "ccc"))}, indent=1))
 
     repo_id = training_args.hub_model_id or output_dir.name
     details = "".join(f", {name} {value}" for name, value in (("label set", data_args.label_set),

@@ -114,6 +114,12 @@ class MisterEConfig(PreTrainedConfig):
     """Temperature of the supervised contrastive loss."""
     kl_weight: float = 0.1
     """Weight of the symmetric KL consistency term between the experts' distributions."""
+    distillation_weight: float = 0.5
+    """Weight of the teacher/student distillation loss, for fusions that have one (`guided-gated`)."""
+    distillation_temperature: float = 2.0
+    """Softmax temperature of the distillation loss (classification heads)."""
+    ccc_weights: list[float] | None = None
+    """Regression head: weight of each dimension's `1 - CCC` in the loss (default: equal)."""
 
     initializer_range: float = 0.02
     """Standard deviation of the normal initialisation of the fusion's linear layers."""
@@ -205,7 +211,9 @@ class MisterEConfig(PreTrainedConfig):
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
         if self.gate_temperature <= 0 or self.supcon_temperature <= 0:
             raise ValueError("`gate_temperature` and `supcon_temperature` must be positive.")
-        for name in ("expert_loss_weight", "supcon_weight", "kl_weight", "focal_gamma"):
+        if self.distillation_temperature <= 0:
+            raise ValueError("`distillation_temperature` must be positive.")
+        for name in ("expert_loss_weight", "supcon_weight", "kl_weight", "focal_gamma", "distillation_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.backbone_chunk_size is not None and self.backbone_chunk_size <= 0:

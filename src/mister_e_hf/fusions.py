@@ -2,14 +2,16 @@
 
 A fusion is an `nn.Module` built as `Fusion(config, num_outputs, context_dims)` (`context_dims` maps each modality
 the model holds to the size of its context representation), with a static `expert_names(config)` and a
-`forward(features: dict[str, ModalityFeatures], utterance_mask) -> FusionOutput`. New fusions are added here by
-name; the model class does not change.
+`forward(features: dict[str, ModalityFeatures], utterance_mask, state=None) -> FusionOutput` (`state`: a dict kept
+across the utterances of a streamed conversation, for fusions that look across utterances). New fusions are added
+here by name; the model class does not change.
 """
 
+from .fusion_guided_gated import GuidedGatedFusion
 from .fusion_mister_e import MisterEFusion
 
 
-FUSIONS = {"mister-e": MisterEFusion}
+FUSIONS = {"mister-e": MisterEFusion, "guided-gated": GuidedGatedFusion}
 """Registry of fusions by the name used in `MisterEConfig.fusion`."""
 
 __all__ = ["FUSIONS"]

@@ -8,16 +8,30 @@ components (`losses`). `MisterEModel` weights the components with the config and
 import torch
 from torch import nn
 
-from .losses import focal_nll_loss, supervised_contrastive_loss, symmetric_kl_consistency
+from .losses import (
+    ccc_loss,
+    distillation_kl,
+    focal_nll_loss,
+    supervised_contrastive_loss,
+    symmetric_kl_consistency,
+)
 from .outputs import FusionOutput
+
+
+def _distillation_rows(fusion: FusionOutput, utterance_mask: torch.Tensor):
+    """(teacher rows, student rows) `(N, outputs)` for every available student of every real utterance."""
+    teacher, students, student_mask = fusion.distillation
+    keep = student_mask & utterance_mask.unsqueeze(-1)
+    return teacher.unsqueeze(2).expand_as(students)[keep], students[keep]
 
 
 class ClassificationHead(nn.Module):
     """One emotion class per utterance: the prediction is the gate-weighted mixture of the experts' distributions.
 
     Losses: `mixture_loss` (focal/cross-entropy of the mixture), `expert_loss` (the same for each available expert,
-    averaged), `kl_loss` (symmetric KL between experts, over all real utterances) and `supcon_loss` (supervised
-    contrastive loss between the fusion's paired speech/text representations).
+    averaged), `kl_loss` (symmetric KL between experts, over all real utterances), `supcon_loss` (supervised
+    contrastive loss between the fusion's paired speech/text representations) and, for fusions with teacher and
+    student branches, `distillation_loss` (temperature-scaled KL from the teacher).
     """
 
     ignore_index = -100
@@ -27,6 +41,7 @@ class ClassificationHead(nn.Module):
         self.num_outputs = config.num_labels
         self.focal_gamma = config.focal_gamma
         self.supcon_temperature = config.supcon_temperature
+        self.distillation_temperature = config.distillation_temperature
 
     def mix(self, expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
         """`(B, U, E, C)` expert logits and `(B, U, E)` weights -> `(B, U, C)` log-probabilities of the mixture."""
@@ -71,10 +86,68 @@ class ClassificationHead(nn.Module):
             losses["supcon_loss"] = supervised_contrastive_loss(
                 speech[paired_mask], text[paired_mask], labels[paired_mask], self.supcon_temperature
             )
+        if fusion.distillation is not None:
+            losses["distillation_loss"] = distillation_kl(*_distillation_rows(fusion, utterance_mask),
+                                                          self.distillation_temperature)
         return losses
 
 
-HEADS = {"classification": ClassificationHead}
+class RegressionHead(nn.Module):
+    """Dimensional emotion (valence / arousal / dominance, any subset, or a sentiment score) per utterance.
+
+    The dimensions are `config.id2label`'s names. The prediction is the gate-weighted sum of the experts' values
+    (per dimension when the fusion routes each dimension separately). Losses: `mixture_loss` (weighted mean over
+    dimensions of 1 - CCC, `config.ccc_weights`), `expert_loss` (the same for each expert, averaged) and, for fusions
+    with teacher and student branches, `distillation_loss` (mean squared error to the teacher). Labels are floats
+    `(batch, utterances, dimensions)`, NaN where missing.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_outputs = config.num_labels
+        weights = config.ccc_weights or [1.0] * self.num_outputs
+        if len(weights) != self.num_outputs:
+            raise ValueError(f"`ccc_weights` has {len(weights)} values for {self.num_outputs} dimensions.")
+        self.register_buffer("ccc_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+
+    def mix(self, expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
+        """`(B, U, E, D)` expert values and `(B, U, E)` or `(B, U, E, D)` weights -> `(B, U, D)` values."""
+        weights = gate_weights if gate_weights.dim() == expert_outputs.dim() else gate_weights.unsqueeze(-1)
+        return (weights * expert_outputs).sum(-2)
+
+    def check_labels(self, labels: torch.Tensor, utterance_mask: torch.Tensor) -> torch.Tensor:
+        """Returns the `(B, U, D)` mask of labelled values of real utterances."""
+        expected = (*utterance_mask.shape, self.num_outputs)
+        if tuple(labels.shape) != expected:
+            raise ValueError(f"Regression `labels` must have shape (batch, utterances, dimensions) = {expected}, "
+                             f"got {tuple(labels.shape)} (NaN marks a missing value).")
+        if not labels.is_floating_point():
+            raise ValueError("Regression `labels` must be floats (NaN where missing).")
+        return utterance_mask.unsqueeze(-1) & ~labels.isnan()
+
+    def losses(
+        self, logits: torch.Tensor, fusion: FusionOutput, labels: torch.Tensor, utterance_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        labelled = self.check_labels(labels, utterance_mask)
+        targets = labels.nan_to_num(0.0)
+        flat = labelled.any(-1)
+        expert_losses = [
+            ccc_loss(fusion.expert_outputs[:, :, e][flat], targets[flat],
+                     (labelled & fusion.expert_mask[:, :, e, None])[flat], self.ccc_weights)
+            for e in range(fusion.expert_outputs.shape[2])
+        ]
+        losses = {
+            "mixture_loss": ccc_loss(logits[flat], targets[flat], labelled[flat], self.ccc_weights),
+            "expert_loss": torch.stack(expert_losses).mean(),
+        }
+        if fusion.distillation is not None:
+            teacher, student = _distillation_rows(fusion, utterance_mask)
+            losses["distillation_loss"] = (
+                ((student - teacher.detach()) ** 2).mean() if len(student) else logits.new_zeros(()))
+        return losses
+
+
+HEADS = {"classification": ClassificationHead, "regression": RegressionHead}
 """Registry of heads by the name used in `MisterEConfig.head`."""
 
-__all__ = ["HEADS", "ClassificationHead"]
+__all__ = ["HEADS", "ClassificationHead", "RegressionHead"]

@@ -78,4 +78,60 @@ def symmetric_kl_consistency(log_probs: torch.Tensor, expert_mask: torch.Tensor)
     return torch.stack(terms).sum() / torch.stack(counts).sum().clamp_min(1)
 
 
-__all__ = ["focal_nll_loss", "supervised_contrastive_loss", "symmetric_kl_consistency"]
+def concordance_correlation(predictions: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Lin's concordance correlation coefficient of two 1-D tensors (population statistics), differentiable:
+
+        CCC = 2 cov(p, r) / (var(p) + var(r) + (mean(p) - mean(r)) ** 2)
+
+    1 when both are the same constant (the formula's 0 / 0)."""
+    mean_p, mean_r = predictions.mean(), references.mean()
+    cov = ((predictions - mean_p) * (references - mean_r)).mean()
+    denominator = ((predictions - mean_p) ** 2).mean() + ((references - mean_r) ** 2).mean() + (mean_p - mean_r) ** 2
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, 2 * cov / safe, torch.ones_like(denominator))
+
+
+def ccc_loss(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean over dimensions of `1 - CCC`, each dimension over its labelled entries.
+
+    Args:
+        predictions, targets: `(N, D)` values.
+        mask: `(N, D)` bool, True where a target exists.
+        weights: `(D,)` weight of each dimension (default equal). Dimensions with fewer than 2 labelled entries
+            (no defined correlation) are left out.
+    """
+    weights = torch.ones(predictions.shape[-1], device=predictions.device) if weights is None else weights
+    terms, used = [], []
+    for d in range(predictions.shape[-1]):
+        if mask[:, d].sum() >= 2:
+            terms.append(1 - concordance_correlation(predictions[mask[:, d], d], targets[mask[:, d], d]))
+            used.append(weights[d])
+    if not terms:
+        return predictions.new_zeros(())
+    used = torch.stack(used).to(predictions.dtype)
+    return (torch.stack(terms) * used).sum() / used.sum()
+
+
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher/student distillation (Hinton et al., 2015): mean over rows of
+    `T^2 * KL(softmax(teacher / T) || softmax(student / T))`; the teacher is not trained by it (detached).
+
+    Args:
+        teacher_logits, student_logits: `(N, C)`.
+    """
+    if teacher_logits.shape[0] == 0:
+        return student_logits.new_zeros(())
+    teacher = (teacher_logits.detach() / temperature).log_softmax(-1)
+    student = (student_logits / temperature).log_softmax(-1)
+    return temperature**2 * (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+__all__ = [
+    "focal_nll_loss",
+    "supervised_contrastive_loss",
+    "symmetric_kl_consistency",
+    "concordance_correlation",
+    "ccc_loss",
+    "distillation_kl",
+]

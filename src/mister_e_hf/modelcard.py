@@ -12,6 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
 METRICS = ("weighted_f1", "accuracy", "macro_f1")
+"""Headline metrics of a classification model; a regression model reports `ccc_mean` and `ccc_<dimension>`."""
 SPLITS = (("validation", "eval"), ("test", "test"))
 DATASET_NOTES = {
     "meld": "TV-series dialogue (Friends), English, multi-party; neutral dominates",
@@ -41,13 +42,19 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and name.count("/") == 1 and not name.startswith((".", "/"))
 
 
-def eval_results(results: dict, dataset: str) -> list[EvalResult]:
+def headline_metrics(config) -> list[str]:
+    if config.head == "regression":
+        return ["ccc_mean"] + [f"ccc_{config.id2label[i]}" for i in range(config.num_labels)]
+    return list(METRICS)
+
+
+def eval_results(results: dict, dataset: str, metrics=METRICS) -> list[EvalResult]:
     return [
         EvalResult(task_type="audio-classification", task_name="Emotion Recognition in Conversations",
                    dataset_type=dataset, dataset_name=dataset, dataset_split=split, metric_type=metric,
                    metric_name=metric.replace("_", " "), metric_value=float(results[f"{prefix}_{metric}"]))
         for split, prefix in SPLITS
-        for metric in METRICS
+        for metric in metrics
         if f"{prefix}_{metric}" in results
     ]
 
@@ -68,11 +75,12 @@ def build_model_card(model, dataset: str, label_names, results: dict, training_a
         metrics=["f1", "accuracy"],
         base_model=[b for b in backbones if _is_hub_id(b)] or None,
         model_name=repo_id or "MiSTER-E",
-        eval_results=eval_results(results, dataset) or None,
+        eval_results=eval_results(results, dataset, headline_metrics(config)) or None,
     )
+    scale = 1 if config.head == "regression" else 100
     result_rows = [
-        (f"{split} {metric.replace('_', ' ')}", f"{100 * results[f'{prefix}_{metric}']:.1f}")
-        for split, prefix in SPLITS for metric in METRICS if f"{prefix}_{metric}" in results
+        (f"{split} {metric.replace('_', ' ')}", f"{scale * results[f'{prefix}_{metric}']:.{3 if scale == 1 else 1}f}")
+        for split, prefix in SPLITS for metric in headline_metrics(config) if f"{prefix}_{metric}" in results
     ]
     result_rows += [(f"{split} F1 {name}", f"{100 * results[f'{prefix}_f1_{name}']:.1f}")
                     for split, prefix in SPLITS[1:] for name in label_names if f"{prefix}_f1_{name}" in results]

@@ -36,6 +36,7 @@ LOSS_WEIGHTS = {
     "expert_loss": "expert_loss_weight",
     "supcon_loss": "supcon_weight",
     "kl_loss": "kl_weight",
+    "distillation_loss": "distillation_weight",
 }
 """Each loss component and the config attribute holding its weight (`None`: weight 1)."""
 

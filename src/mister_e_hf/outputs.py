@@ -32,6 +32,8 @@ class FusionOutput:
             utterance and 0 for masked experts and padding utterances.
         paired: optional `(speech, text)` pair of `(batch, utterances, dim)` representations for the contrastive loss.
         paired_mask: `(batch, utterances)` bool, where both members of `paired` are real (required with `paired`).
+        distillation: optional `(teacher (batch, utterances, outputs), students (batch, utterances, S, outputs),
+            student_mask (batch, utterances, S))`: branches that learn from a teacher branch (the head scores it).
         aux_losses: extra named losses of the fusion, unweighted (the config holds their weights).
     """
 
@@ -40,6 +42,7 @@ class FusionOutput:
     gate_weights: torch.Tensor
     paired: tuple[torch.Tensor, torch.Tensor] | None = None
     paired_mask: torch.Tensor | None = None
+    distillation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -58,11 +61,13 @@ class MisterEOutput(ModelOutput):
             Each expert's own logits (or values); the experts' names are `model.expert_names`.
         gate_weights (`torch.FloatTensor` of shape `(batch, utterances, experts)`):
             The gate's weight of each expert; sums to 1 over experts for every real utterance, 0 for masked experts.
+            Fusions that route each output dimension separately (`film-moe` with a regression head) give
+            `(batch, utterances, experts, outputs)`.
         expert_mask (`torch.BoolTensor` of shape `(batch, utterances, experts)`):
             True where an expert could be used (its modalities are present for that utterance).
         utterance_mask (`torch.BoolTensor` of shape `(batch, utterances)`):
             True for real utterances, False for padding.
-        mixture_loss, expert_loss, supcon_loss, kl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        mixture_loss, expert_loss, supcon_loss, kl_loss, distillation_loss (`torch.FloatTensor`, shape `()`, *optional*):
             Unweighted loss components (present when `labels` are given and the component applies).
         conversation_state (`dict`, *optional*):
             Streaming only: the state to pass with the next utterance (see `MisterEModel.forward`).
@@ -78,6 +83,7 @@ class MisterEOutput(ModelOutput):
     expert_loss: torch.FloatTensor | None = None
     supcon_loss: torch.FloatTensor | None = None
     kl_loss: torch.FloatTensor | None = None
+    distillation_loss: torch.FloatTensor | None = None
     conversation_state: dict | None = None
 
 

@@ -11,7 +11,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from .outputs import MisterEOutput
 
 
-LOSS_COMPONENTS = ("mixture_loss", "expert_loss", "supcon_loss", "kl_loss")
+LOSS_COMPONENTS = ("mixture_loss", "expert_loss", "supcon_loss", "kl_loss", "distillation_loss")
 
 
 class MisterETrainer(Trainer):
@@ -81,25 +81,39 @@ class MisterETrainer(Trainer):
 
 def flatten_predictions(predictions, label_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`(logits (B, U, C), gates (B, U, E))` and `(B, U)` labels -> per labelled utterance: predicted ids, true ids,
-    class probabilities `(N, C)` and gate weights `(N, E)`."""
+    class probabilities `(N, C)` and gate weights `(N, E)`.
+
+    Regression (`(B, U, D)` float labels, NaN where missing; the Trainer pads batches with -100): per utterance with
+    any labelled value, predicted values `(N, D)`, true values `(N, D)`, predicted values again, and gate weights
+    (averaged over dimensions when the fusion routes each dimension)."""
     logits, gates = predictions
+    if label_ids.ndim == 3:
+        padding = label_ids == -100
+        values = np.where(padding, np.nan, label_ids)
+        mask = ~np.isnan(values).all(-1)
+        gates = gates.mean(-1) if gates.ndim == 4 else gates
+        return logits[mask], values[mask], logits[mask], gates[mask]
     mask = label_ids != -100
     probabilities = np.exp(logits[mask])
     return probabilities.argmax(-1), label_ids[mask], probabilities, gates[mask]
 
 
-def build_compute_metrics(label_names: list[str], expert_names: list[str], metric=None):
-    """`compute_metrics` for the Trainer: the ERC metrics (accuracy, weighted/macro F1, per-class F1) and the mean
-    gate weight of each expert over the labelled utterances (`gate_<expert>`)."""
-    if metric is None:
-        from .metrics import load_erc_metric
+def build_compute_metrics(label_names: list[str], expert_names: list[str], metric=None, head: str = "classification"):
+    """`compute_metrics` for the Trainer: the ERC metrics (accuracy, weighted/macro F1, per-class F1), or for a
+    regression head CCC and MAE per dimension and `ccc_mean`; and the mean gate weight of each expert over the
+    labelled utterances (`gate_<expert>`)."""
+    from .metrics import load_erc_metric, regression_metrics
 
+    if metric is None and head == "classification":
         metric = load_erc_metric()
 
     def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
         predicted, true, _, gates = flatten_predictions(eval_prediction.predictions, eval_prediction.label_ids)
-        results = metric.compute(predictions=predicted, references=true, label_names=label_names)
-        results.pop("confusion_matrix", None)  # a matrix is not a loggable scalar; run_erc saves it separately
+        if head == "regression":
+            results = regression_metrics(predicted, true, label_names)
+        else:
+            results = metric.compute(predictions=predicted, references=true, label_names=label_names)
+            results.pop("confusion_matrix", None)  # a matrix is not a loggable scalar; run_erc saves it separately
         results.update({f"gate_{name}": float(w) for name, w in zip(expert_names, gates.mean(0))})
         return results
 

@@ -22,11 +22,14 @@ class DataCollatorForConversations:
 
     Args:
         processor: a [`MisterEProcessor`]; needed for rows without cached embeddings.
-        label_column: the per-turn label column.
+        label_column: the per-turn class label column.
+        label_columns: for a regression head, the per-turn numeric columns (e.g. `valence`, `arousal`); labels are
+            then `(batch, utterances, dimensions)` floats, NaN for padding and missing values.
     """
 
     processor: object | None = None
     label_column: str = "labels"
+    label_columns: list[str] | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         turns = max(len(row["texts"]) for row in rows)
@@ -49,7 +52,9 @@ class DataCollatorForConversations:
                 for row in rows
             ]
             batch = dict(self.processor(conversations=conversations, return_tensors="pt"))
-        if self.label_column in rows[0]:
+        if self.label_columns:
+            batch["labels"] = self._values(rows, turns)
+        elif self.label_column in rows[0]:
             batch["labels"] = self._labels(rows, turns)
         return batch
 
@@ -63,6 +68,19 @@ class DataCollatorForConversations:
             embeds[b, :n] = np.asarray(row[f"{modality}_embeds"], dtype=np.float32)
             present[b, :n] = np.asarray(row[f"{modality}_present"], dtype=np.int64)
         return torch.from_numpy(embeds), torch.from_numpy(present)
+
+    def _values(self, rows, turns) -> torch.Tensor:
+        missing = [c for c in self.label_columns if c not in rows[0]]
+        if missing:
+            raise ValueError(f"The dataset has no column {missing[0]!r} for the regression labels; it has "
+                             f"{sorted(rows[0])}.")
+        values = torch.full((len(rows), turns, len(self.label_columns)), float("nan"))
+        for b, row in enumerate(rows):
+            for d, column in enumerate(self.label_columns):
+                for t, value in enumerate(row[column]):
+                    if value is not None and value != "":
+                        values[b, t, d] = float(value)
+        return values
 
     def _labels(self, rows, turns) -> torch.Tensor:
         labels = torch.full((len(rows), turns), -100, dtype=torch.long)

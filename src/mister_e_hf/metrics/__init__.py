@@ -4,6 +4,7 @@
   macro / per-class F1, confusion matrix, and MOSI-style binary accuracy / F1, MAE and Pearson for sentiment scores).
   It loads from its folder, so no network access is needed.
 * `concordance_correlation_coefficient()`: Lin's CCC, in torch (differentiable) or numpy, for a regression head.
+* `regression_metrics()`: CCC and MAE per dimension and their mean CCC, for dimensional emotion.
 """
 
 from pathlib import Path
@@ -64,6 +65,21 @@ def concordance_correlation_coefficient(predictions, references):
     return float(2 * cov / denominator)
 
 
+def regression_metrics(predictions, references, names: list[str]) -> dict[str, float]:
+    """Per dimension, over its labelled values (NaN references are skipped): `ccc_<name>`, `mae_<name>`, and
+    `ccc_mean`, the mean CCC over dimensions (the usual model-selection metric for dimensional emotion)."""
+    predictions, references = np.asarray(predictions, dtype=np.float64), np.asarray(references, dtype=np.float64)
+    results = {}
+    for d, name in enumerate(names):
+        keep = ~np.isnan(references[:, d])
+        if keep.sum() < 2:
+            raise ValueError(f"Fewer than two labelled values for dimension {name!r}: no correlation to compute.")
+        results[f"ccc_{name}"] = concordance_correlation_coefficient(predictions[keep, d], references[keep, d])
+        results[f"mae_{name}"] = float(np.abs(predictions[keep, d] - references[keep, d]).mean())
+    results["ccc_mean"] = float(np.mean([results[f"ccc_{name}"] for name in names]))
+    return results
+
+
 def _check_sizes(num_predictions: int, num_references: int) -> None:
     if num_predictions != num_references:
         raise ValueError(
@@ -73,4 +89,4 @@ def _check_sizes(num_predictions: int, num_references: int) -> None:
         raise ValueError("`predictions` and `references` are empty.")
 
 
-__all__ = ["ERC_METRIC_PATH", "load_erc_metric", "concordance_correlation_coefficient"]
+__all__ = ["ERC_METRIC_PATH", "load_erc_metric", "concordance_correlation_coefficient", "regression_metrics"]
