@@ -48,6 +48,9 @@ class ModelArguments:
     text_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Text backbone: a Hub id or a local folder (an encoder or a decoder-only LM)."}
     )
+    visual_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Optional visual backbone over one frame per utterance (data column `images`)."}
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Start from a saved MiSTER-E model instead of fresh layers on backbones."}
     )
@@ -57,7 +60,7 @@ class ModelArguments:
                   "choices": ["classification", "regression"]},
     )
     freeze_backbones: bool = field(
-        default=False, metadata={"help": "Keep both backbones fixed and train on cached utterance embeddings."}
+        default=False, metadata={"help": "Keep the backbones fixed and train on cached utterance embeddings."}
     )
     backbone_finetuning: str = field(
         default="none",
@@ -200,19 +203,22 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
             raise ValueError(f"{model_args.model_name_or_path} predicts {list(model.config.id2label.values())}, "
                              f"the data has {label_names}.")
         return model, processor
-    if not model_args.speech_model_name_or_path and not model_args.text_model_name_or_path:
-        raise ValueError("Give --speech_model_name_or_path and/or --text_model_name_or_path (or --model_name_or_path).")
+    paths = (model_args.speech_model_name_or_path, model_args.text_model_name_or_path,
+             model_args.visual_model_name_or_path)
+    if not any(paths):
+        raise ValueError("Give --speech_model_name_or_path, --text_model_name_or_path and/or "
+                         "--visual_model_name_or_path (or --model_name_or_path).")
     frozen = model_args.freeze_backbones or model_args.backbone_finetuning != "none"
     model = MisterEModel.from_backbones(
-        model_args.speech_model_name_or_path,
-        model_args.text_model_name_or_path,
+        *paths,
         freeze_speech_backbone=frozen,
         freeze_text_backbone=frozen,
+        freeze_visual_backbone=frozen,
         id2label=dict(enumerate(label_names)),
         head=model_args.head,
         **parse_overrides(model_args.config_overrides),
     )
-    processor = MisterEProcessor.from_backbones(model_args.speech_model_name_or_path, model_args.text_model_name_or_path)
+    processor = MisterEProcessor.from_backbones(*paths)
     return model, processor
 
 

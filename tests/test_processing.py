@@ -88,10 +88,10 @@ def test_bad_batches(tokenizer):
         processor(conversations=[])
     with pytest.raises(ConversationInputError, match="lists of utterance dicts"):
         processor(conversations=[{"text": "a"}])
-    with pytest.raises(ValueError, match="needs a feature extractor, a tokenizer, or both"):
+    with pytest.raises(ValueError, match="needs a feature extractor, a tokenizer or an image processor"):
         MisterEProcessor()
     speech_only = MisterEProcessor(feature_extractor("wav2vec2"), None)
-    with pytest.raises(ConversationInputError, match="conversation 0, utterance 0: no audio"):
+    with pytest.raises(ConversationInputError, match="conversation 0, utterance 0: no audio; this model needs"):
         speech_only(conversations=[[{"text": "words but no sound"}]])
 
 

@@ -1,13 +1,19 @@
-"""Speech and text backbones: building or loading any transformers encoder, and one pooled vector per utterance.
+"""Backbones: building or loading any transformers encoder, and one pooled vector per utterance.
 
 Speech backbones take raw waveforms (`input_values`: wav2vec2, HuBERT, WavLM, data2vec-audio, ...) or log-mel
 features (`input_features`: Whisper's encoder, ...). Text backbones are encoders (BERT, RoBERTa, DeBERTa-v2, MiniLM,
-...) or decoder-only LMs (Llama, Qwen2, ...). Encoder-decoder checkpoints contribute their encoder only.
+...) or decoder-only LMs (Llama, Qwen2, ...). Visual backbones are vision encoders over one frame per utterance
+(ViT, DINOv2, Swin, ConvNeXt, ResNet, ...; the vision tower of CLIP/SigLIP checkpoints). Encoder-decoder checkpoints
+contribute their encoder only. `ENCODERS` maps each modality to the function that pools its backbone's outputs.
 """
 
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_MAPPING,
+)
 
 from .pooling import POOLINGS
 
@@ -16,13 +22,23 @@ def _encoder_only(model: PreTrainedModel) -> PreTrainedModel:
     return model.get_encoder() if model.config.is_encoder_decoder else model
 
 
-def build_backbone(config: PreTrainedConfig) -> PreTrainedModel:
-    """A randomly initialised backbone for `config` (the encoder, for encoder-decoder configs)."""
-    return _encoder_only(AutoModel.from_config(config))
+def _vision_tower(config: PreTrainedConfig, modality: str) -> PreTrainedConfig | None:
+    tower = getattr(config, "vision_config", None) if modality == "visual" else None
+    return tower if isinstance(tower, PreTrainedConfig) else None
 
 
-def load_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
-    """A pretrained backbone from a Hub id or a local folder (the encoder, for encoder-decoder checkpoints)."""
+def build_backbone(config: PreTrainedConfig, modality: str = "speech") -> PreTrainedModel:
+    """A randomly initialised backbone for `config` (the encoder of encoder-decoders, the vision tower of
+    vision-language configs)."""
+    return _encoder_only(AutoModel.from_config(_vision_tower(config, modality) or config))
+
+
+def load_backbone(name_or_path: str, modality: str = "speech", **kwargs) -> PreTrainedModel:
+    """A pretrained backbone from a Hub id or a local folder (the encoder of encoder-decoder checkpoints, the vision
+    tower of vision-language ones)."""
+    tower = _vision_tower(AutoConfig.from_pretrained(name_or_path, **kwargs), modality)
+    if tower is not None:
+        return MODEL_MAPPING[type(tower)].from_pretrained(name_or_path, config=tower, **kwargs)
     return _encoder_only(AutoModel.from_pretrained(name_or_path, **kwargs))
 
 
@@ -69,11 +85,16 @@ def is_padding_sensitive(backbone: PreTrainedModel) -> bool:
     return getattr(backbone.config, "feat_extract_norm", None) == "group"
 
 
+def _as_sequence(hidden: torch.Tensor) -> torch.Tensor:
+    """`(N, T, D)` tokens, or a convolutional feature map `(N, C, H, W)` as `(N, H * W, C)` positions."""
+    return hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
+
+
 def _pool_layers(outputs, mask: torch.Tensor, pooling: str, all_layers: bool) -> torch.Tensor:
     """Pooled last hidden state `(N, D)`, or every hidden state pooled alike `(N, layers, D)`."""
     if not all_layers:
-        return POOLINGS[pooling](outputs.last_hidden_state, mask)
-    hidden = torch.stack(outputs.hidden_states, dim=1)  # (N, layers, T, D)
+        return POOLINGS[pooling](_as_sequence(outputs.last_hidden_state), mask)
+    hidden = torch.stack([_as_sequence(h) for h in outputs.hidden_states], dim=1)  # (N, layers, T, D)
     n, layers = hidden.shape[:2]
     pooled = POOLINGS[pooling](hidden.flatten(0, 1), mask.repeat_interleave(layers, dim=0))
     return pooled.view(n, layers, -1)
@@ -160,7 +181,63 @@ def encode_text(
     return torch.cat(outputs)
 
 
+def encode_visual(
+    backbone: PreTrainedModel,
+    pixel_values: torch.Tensor,
+    pooling: str,
+    chunk_size: int | None = None,
+    all_layers: bool = False,
+) -> torch.Tensor:
+    """Pooled visual embeddings of N frames (one per utterance).
+
+    Args:
+        backbone: the vision backbone.
+        pixel_values: `(N, channels, height, width)` from the image processor.
+        pooling: a name from `POOLINGS`, over the patches (or feature-map positions); `first` is ViT's [CLS].
+
+    Returns:
+        `(N, hidden_size)` embeddings, or `(N, layers, hidden_size)` with `all_layers`.
+    """
+    outputs = []
+    for index in _chunks(pixel_values.shape[0], chunk_size):
+        result = backbone(pixel_values=pixel_values[index.start : index.stop], output_hidden_states=all_layers)
+        positions = _as_sequence(result.last_hidden_state).shape[:2]
+        mask = torch.ones(positions, dtype=torch.bool, device=pixel_values.device)  # every patch is real
+        outputs.append(_pool_layers(result, mask, pooling, all_layers))
+    return torch.cat(outputs)
+
+
+def _speech(backbone, inputs, pooling, chunk_size, all_layers):
+    values = inputs.get("input_values", inputs.get("input_features"))
+    if inputs.get("speech_attention_mask") is None:
+        raise ValueError("Speech inputs need `speech_attention_mask` (the processor returns it).")
+    return encode_speech(backbone, values, inputs["speech_attention_mask"], pooling, chunk_size, all_layers)
+
+
+def _text(backbone, inputs, pooling, chunk_size, all_layers):
+    if inputs.get("text_attention_mask") is None:
+        raise ValueError("Text inputs need `text_attention_mask` (the processor returns it).")
+    return encode_text(backbone, inputs["input_ids"], inputs["text_attention_mask"], pooling, chunk_size, all_layers)
+
+
+def _visual(backbone, inputs, pooling, chunk_size, all_layers):
+    return encode_visual(backbone, inputs["pixel_values"], pooling, chunk_size, all_layers)
+
+
+INPUT_NAMES = {
+    "speech": ("input_values", "input_features", "speech_attention_mask"),
+    "text": ("input_ids", "text_attention_mask"),
+    "visual": ("pixel_values",),
+}
+"""The raw model inputs of each modality, shaped `(batch, utterances, ...)`."""
+
+ENCODERS = {"speech": _speech, "text": _text, "visual": _visual}
+"""Per modality: `(backbone, inputs (N, ...) by name, pooling, chunk_size, all_layers) -> (N, [layers,] dim)`."""
+
 __all__ = [
+    "ENCODERS",
+    "INPUT_NAMES",
+    "encode_visual",
     "build_backbone",
     "load_backbone",
     "load_backbone_config",

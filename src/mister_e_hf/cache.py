@@ -20,6 +20,8 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
+from .backbones import INPUT_NAMES
+
 
 CACHE_FORMAT = 2
 """Bump when the way embeddings are computed changes, so that old entries are not reused."""
@@ -40,17 +42,23 @@ def weights_digest(module: torch.nn.Module) -> str:
     return hasher.hexdigest()
 
 
-def utterance_key(modality: str, text: str | None, audio: str | None) -> str:
-    """Content key of one utterance for one modality: its text, or its audio file's path, size and mtime."""
+SOURCES = {"speech": ("audio", "audio"), "text": ("texts", "text"), "visual": ("images", "image")}
+"""Per modality: the dataset column (one value per turn) and the utterance key its embeddings are computed from."""
+
+
+def utterance_key(modality: str, value: str) -> str:
+    """Content key of one utterance for one modality: its text, or its audio or image file's path, size and mtime."""
     if modality == "text":
-        return _digest(["text", text])
-    stat = os.stat(audio)
-    return _digest(["audio", os.path.abspath(audio), stat.st_size, stat.st_mtime_ns])
+        return _digest(["text", value])
+    stat = os.stat(value)
+    return _digest([modality, os.path.abspath(value), stat.st_size, stat.st_mtime_ns])
 
 
 def _processor_settings(processor, modality: str) -> dict:
     if modality == "speech":
         return processor.feature_extractor.to_dict()
+    if modality == "visual":
+        return processor.image_processor.to_dict()
     return {"tokenizer": type(processor.tokenizer).__name__, "vocab": len(processor.tokenizer),
             "name": processor.tokenizer.name_or_path, "max_text_length": processor.max_text_length}
 
@@ -64,7 +72,7 @@ def extraction_settings(model, processor, modality: str, weights: str | None = N
         "backbone": getattr(config, f"{modality}_backbone_name_or_path"),
         "backbone_type": config.backbone_config(modality).model_type,
         "weights": weights or weights_digest(getattr(model, f"{modality}_backbone")),
-        "pooling": config.speech_pooling if modality == "speech" else model.text_pooling,
+        "pooling": model.poolings[modality],
         "layers": config.embed_layers(modality),
         "processor": _processor_settings(processor, modality),
     }
@@ -112,42 +120,43 @@ class EmbeddingCache:
         os.replace(entry / f".{name}", entry / name)  # readers never see half-written shards
 
 
-def _utterances(dataset: Dataset, modality: str) -> list[tuple[int, int, str | None, str | None]]:
-    """(row, turn, text, audio) of every utterance of `dataset` that has `modality`."""
-    source = "texts" if modality == "text" else "audio"
-    return [
-        (i, t, text, audio)
-        for i, row in enumerate(dataset.select_columns(["texts", "audio"]))
-        for t, (text, audio) in enumerate(zip(row["texts"], row["audio"]))
-        if row[source][t] is not None
-    ]
+def _utterances(dataset: Dataset, modality: str) -> list[tuple[int, int, str]]:
+    """(row, turn, source value) of every utterance of `dataset` that has `modality`."""
+    column = SOURCES[modality][0]
+    if column not in dataset.column_names:
+        return []
+    return [(i, t, value) for i, values in enumerate(dataset[column]) for t, value in enumerate(values)
+            if value is not None]
 
 
-def _length(modality: str, text: str | None, audio: str | None) -> float:
+def _length(modality: str, value: str) -> float:
+    """What batching sorts by: characters of text, seconds of audio (images all cost the same)."""
     if modality == "text":
-        return len(text)
+        return len(value)
+    if modality == "visual":
+        return 0.0
     import soundfile
 
-    info = soundfile.info(audio)
+    info = soundfile.info(value)
     return info.frames / info.samplerate
 
 
 @torch.no_grad()
-def extract_embeddings(model, processor, modality: str, utterances: list[tuple[str | None, str | None]],
-                       batch_size: int = 16, desc: str = "") -> list[np.ndarray]:
-    """Pooled backbone embeddings of `(text, audio)` utterances, in their order, computed in batches of similar
-    length (less padding); each is `(dim,)`, or `(layers, dim)` when the model weighs the backbone's layers."""
-    order = sorted(range(len(utterances)), key=lambda i: _length(modality, *utterances[i]))
-    names = ("input_values", "input_features", "speech_attention_mask") if modality == "speech" else (
-        "input_ids", "text_attention_mask")
+def extract_embeddings(model, processor, modality: str, utterances: list[str], batch_size: int = 16,
+                       desc: str = "") -> list[np.ndarray]:
+    """Pooled backbone embeddings of utterances given by their `modality` source (texts, audio or image paths, in
+    order), computed in batches of similar length (less padding); each is `(dim,)`, or `(layers, dim)` when the
+    model combines the backbone's layers."""
+    order = sorted(range(len(utterances)), key=lambda i: _length(modality, utterances[i]))
+    key = SOURCES[modality][1]
     was_training = model.training
     model.eval()
     vectors: list[np.ndarray | None] = [None] * len(utterances)
     with tqdm(total=len(order), desc=desc or f"Extracting {modality} embeddings", unit="utt") as progress:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            inputs = processor(conversations=[[{"text": utterances[i][0], "audio": utterances[i][1]}] for i in chunk])
-            inputs = {k: v.to(model.device) for k, v in inputs.items() if k in names}
+            inputs = processor(conversations=[[{key: utterances[i]}] for i in chunk], modalities=[modality])
+            inputs = {k: v.to(model.device) for k, v in inputs.items() if k in INPUT_NAMES[modality]}
             mask = torch.ones(len(chunk), 1, dtype=torch.bool, device=model.device)
             embeds = model.embed_utterances(modality, mask, **inputs)[:, 0].float().cpu().numpy()
             for i, vector in zip(chunk, embeds):
@@ -165,9 +174,9 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
     stats = stats if stats is not None else CacheStats()
     entry = cache.entry(extraction_settings(model, processor, modality, weights))
     utterances = _utterances(dataset, modality)
-    keys = [utterance_key(modality, text, audio) for _, _, text, audio in utterances]
+    keys = [utterance_key(modality, value) for _, _, value in utterances]
     index, table = cache.read(entry)
-    missing = sorted({k: (text, audio) for k, (_, _, text, audio) in zip(keys, utterances) if k not in index}.items())
+    missing = sorted({k: value for k, (_, _, value) in zip(keys, utterances) if k not in index}.items())
     if missing:
         start = time.perf_counter()
         vectors = extract_embeddings(model, processor, modality, [u for _, u in missing], batch_size, desc)
@@ -183,7 +192,7 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
         model.config.embed_dim(modality))
     embeds = [[np.zeros(shape, dtype=np.float32)] * n for n in dataset["num_turns"]]
     present = [[0] * n for n in dataset["num_turns"]]
-    for (i, t, _, _), vector in zip(utterances, found):
+    for (i, t, _), vector in zip(utterances, found):
         embeds[i][t], present[i][t] = vector, 1
     vector_type = Value("float32")
     for _ in shape:

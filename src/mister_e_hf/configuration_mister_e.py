@@ -7,15 +7,15 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
-MODALITIES = ("speech", "text")
+MODALITIES = ("speech", "text", "visual")
 """The modalities a MiSTER-E model can hold, in the order used everywhere (inputs, experts, plots)."""
 
 
 @strict
 class MisterEConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`MisterEModel`]: one speech and one text backbone (either optional), a projection and a
-    convolutional + recurrent context layer per modality, a fusion (experts + gate) and a head, and the weights of
+    Configuration of a [`MisterEModel`]: a speech, a text and optionally a visual backbone (each optional), a
+    projection and a convolutional + recurrent context layer per modality, a fusion (experts + gate) and a head, and the weights of
     the training losses.
 
     A modality is present when its backbone config is given (`speech_config` / `text_config`, any transformers
@@ -37,38 +37,53 @@ class MisterEConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "speech_config": SubConfigSpec(config_class=AutoConfig, model_type="wav2vec2", optional=True),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+        "visual_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", optional=True),
     }
 
     speech_config: PreTrainedConfig | dict | None = None
     """Config of the speech backbone (any transformers audio encoder; for encoder-decoders, e.g. Whisper, the encoder is used)."""
     text_config: PreTrainedConfig | dict | None = None
     """Config of the text backbone (an encoder such as BERT, or a decoder-only LM such as Llama)."""
+    visual_config: PreTrainedConfig | dict | None = None
+    """Config of the visual backbone (any transformers vision encoder over one frame per utterance; optional)."""
     speech_embed_dim: int | None = None
     """Size of precomputed speech utterance embeddings (embeddings mode, no speech backbone)."""
     text_embed_dim: int | None = None
     """Size of precomputed text utterance embeddings (embeddings mode, no text backbone)."""
+    visual_embed_dim: int | None = None
+    """Size of precomputed visual utterance embeddings (embeddings mode, no visual backbone)."""
     speech_backbone_name_or_path: str | None = None
     """Where the speech backbone was loaded from (Hub id or folder), recorded for model cards and caches."""
     text_backbone_name_or_path: str | None = None
     """Where the text backbone was loaded from (Hub id or folder), recorded for model cards and caches."""
+    visual_backbone_name_or_path: str | None = None
+    """Where the visual backbone was loaded from (Hub id or folder), recorded for model cards and caches."""
     freeze_speech_backbone: bool = False
     """Keep the speech backbone's weights fixed (no gradients, always in eval mode)."""
     freeze_text_backbone: bool = False
     """Keep the text backbone's weights fixed (no gradients, always in eval mode)."""
+    freeze_visual_backbone: bool = False
+    """Keep the visual backbone's weights fixed (no gradients, always in eval mode)."""
 
     speech_pooling: str = "mean"
     """How the speech backbone's frames become one vector per utterance: a name from `pooling.POOLINGS`."""
     text_pooling: str = "auto"
     """How the text backbone's tokens become one vector: `auto` = `last` for decoder-only LMs, `mean` otherwise."""
+    visual_pooling: str = "mean"
+    """How the visual backbone's patches (or feature-map positions) become one vector per utterance."""
     speech_layers: str = "last"
     """Which speech backbone layers make the embedding: `last`, or a name from `layer_combiners.LAYER_COMBINERS`
     over every hidden layer's pooled states (`weighted`: learned softmax weights, as in SUPERB; `concat`)."""
     text_layers: str = "last"
     """Which text backbone layers make the embedding (see `speech_layers`)."""
+    visual_layers: str = "last"
+    """Which visual backbone layers make the embedding (see `speech_layers`)."""
     speech_embed_layers: int | None = None
     """Embeddings mode with combined layers: how many layers each precomputed speech embedding holds."""
     text_embed_layers: int | None = None
     """Embeddings mode with combined layers: how many layers each precomputed text embedding holds."""
+    visual_embed_layers: int | None = None
+    """Embeddings mode with combined layers: how many layers each precomputed visual embedding holds."""
     backbone_chunk_size: int | None = None
     """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
 
@@ -135,25 +150,35 @@ class MisterEConfig(PreTrainedConfig):
     def backbone_config(self, modality: str) -> PreTrainedConfig | None:
         return getattr(self, f"{modality}_config")
 
+    def encoder_config(self, modality: str) -> PreTrainedConfig | None:
+        """The config of the part of a modality's backbone that is used: the vision tower of a vision-language
+        checkpoint (CLIP, SigLIP), otherwise the backbone's own config."""
+        backbone = self.backbone_config(modality)
+        tower = getattr(backbone, "vision_config", None) if modality == "visual" else None
+        return tower if isinstance(tower, PreTrainedConfig) else backbone
+
     def embed_dim(self, modality: str) -> int:
         """Size of the utterance embedding a modality's backbone (or precomputed embeddings) gives."""
-        backbone = self.backbone_config(modality)
-        if backbone is not None:
-            encoder = getattr(backbone, "encoder", None) if backbone.is_encoder_decoder else None
-            source = encoder if isinstance(encoder, PreTrainedConfig) else backbone
+        source = self.encoder_config(modality)
+        if source is not None:
             for name in ("hidden_size", "d_model", "dim"):
                 if isinstance(getattr(source, name, None), int):
                     return getattr(source, name)
-            raise ValueError(f"Cannot tell the hidden size of the {modality} backbone ({backbone.model_type}).")
+            if isinstance(getattr(source, "hidden_sizes", None), list):  # convolutional vision backbones
+                return source.hidden_sizes[-1]
+            raise ValueError(f"Cannot tell the hidden size of the {modality} backbone ({source.model_type}).")
         return getattr(self, f"{modality}_embed_dim")
 
     def embed_layers(self, modality: str) -> int | None:
         """Number of layers in a modality's utterance embedding when its layers are combined, else None (last only)."""
         if getattr(self, f"{modality}_layers") == "last":
             return None
-        backbone = self.backbone_config(modality)
-        if backbone is not None:
-            return backbone.num_hidden_layers + 1  # the embedding output, then every layer
+        source = self.encoder_config(modality)
+        if source is not None:
+            if not isinstance(getattr(source, "num_hidden_layers", None), int):
+                raise ValueError(f"The {modality} backbone ({source.model_type}) has no `num_hidden_layers` to "
+                                 f"combine; use `{modality}_layers='last'`.")
+            return source.num_hidden_layers + 1  # the embedding output, then every layer
         return getattr(self, f"{modality}_embed_layers")
 
     def validate_mister_e(self):
@@ -167,8 +192,8 @@ class MisterEConfig(PreTrainedConfig):
 
         if not self.modalities:
             raise ValueError(
-                "A MiSTER-E model needs at least one modality: give `speech_config`/`text_config` (backbones) "
-                "or `speech_embed_dim`/`text_embed_dim` (precomputed embeddings)."
+                "A MiSTER-E model needs at least one modality: give `speech_config`/`text_config`/`visual_config` "
+                "(backbones) or `speech_embed_dim`/`text_embed_dim`/`visual_embed_dim` (precomputed embeddings)."
             )
         for modality in MODALITIES:
             backbone, dim = self.backbone_config(modality), getattr(self, f"{modality}_embed_dim")
@@ -188,6 +213,7 @@ class MisterEConfig(PreTrainedConfig):
         for name, value, registry in (
             ("speech_pooling", self.speech_pooling, POOLINGS),
             ("text_pooling", self.text_pooling, {**POOLINGS, "auto": None}),
+            ("visual_pooling", self.visual_pooling, POOLINGS),
             ("fusion", self.fusion, FUSIONS),
             ("head", self.head, HEADS),
             ("gate_type", self.gate_type, GATES),

@@ -11,6 +11,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .cache import SOURCES
 from .data.common import UNLABELLED
 
 
@@ -20,24 +21,26 @@ class UtteranceClassifier(nn.Module):
     def __init__(self, model, modality: str, num_labels: int):
         super().__init__()
         self.model, self.modality = model, modality
-        self.classifier = nn.Linear(model.config.embed_dim(modality), num_labels)
+        self.classifier = nn.Linear(model._combined_dim(modality), num_labels)
 
     def forward(self, labels=None, **inputs):
         mask = torch.ones(inputs["utterance_mask"].shape, dtype=torch.bool, device=inputs["utterance_mask"].device)
-        names = ("input_values", "input_features", "speech_attention_mask") if self.modality == "speech" else (
-            "input_ids", "text_attention_mask")
-        embeds = self.model.embed_utterances(self.modality, mask, **{k: inputs[k] for k in names if k in inputs})
-        logits = self.classifier(embeds[:, 0])
+        embeds = self.model.embed_utterances(self.modality, mask, **inputs)[:, 0]
+        if self.modality in self.model.layer_combiners:  # every layer pooled: combine them as the model does
+            embeds = self.model.layer_combiners[self.modality](embeds)
+        logits = self.classifier(embeds)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return {"loss": loss, "logits": logits}
 
 
 def _utterances(dataset: Dataset, modality: str) -> list[dict]:
+    """The labelled utterances of `dataset` that have `modality`, as `{<utterance key>: value, "label": id}`."""
+    column, key = SOURCES[modality]
     return [
-        {"text": text, "audio": audio, "label": label}
+        {key: value, "label": label}
         for row in dataset
-        for text, audio, label in zip(row["texts"], row["audio"], row["labels"])
-        if label != UNLABELLED and (audio if modality == "speech" else text) is not None
+        for value, label in zip(row[column], row["labels"])
+        if label != UNLABELLED and value is not None
     ]
 
 
@@ -70,8 +73,10 @@ def finetune_backbone(model, processor, modality: str, datasets, method: str = "
         if not name.startswith(f"{modality}_backbone."):
             parameter.requires_grad_(False)
 
+    key = SOURCES[modality][1]
+
     def collate(items):
-        batch = dict(processor(conversations=[[{"text": i["text"], "audio": i["audio"]}] for i in items]))
+        batch = dict(processor(conversations=[[{key: i[key]}] for i in items], modalities=[modality]))
         batch["labels"] = torch.tensor([i["label"] for i in items])
         return batch
 

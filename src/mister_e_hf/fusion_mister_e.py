@@ -145,8 +145,8 @@ class MisterEFusion(nn.Module):
     """The experts and gate of MiSTER-E.
 
     Experts, in order: one per modality the model holds (a linear classifier on that modality's context
-    representation), then, when both speech and text are present, the cross-modal expert. The gate weighs them per
-    utterance.
+    representation), then, when both speech and text are present, the cross-modal (speech-text co-attention)
+    expert. The gate weighs them per utterance.
     """
 
     def __init__(self, config, num_outputs: int, context_dims: dict[str, int]):
@@ -155,7 +155,8 @@ class MisterEFusion(nn.Module):
         self.unimodal = nn.ModuleDict(
             {m: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(d, num_outputs)) for m, d in context_dims.items()}
         )
-        self.cross_modal = CrossModalExpert(config, num_outputs) if len(context_dims) == 2 else None
+        crossed = {"speech", "text"} <= set(self.modalities)
+        self.cross_modal = CrossModalExpert(config, num_outputs) if crossed else None
         self.gate = GATES[config.gate_type](
             len(self.expert_names(config)), num_outputs, config.gate_hidden_size, config.gate_temperature,
             config.dropout,
@@ -164,7 +165,7 @@ class MisterEFusion(nn.Module):
     @staticmethod
     def expert_names(config) -> list[str]:
         modalities = list(config.modalities)
-        return modalities + (["cross-modal"] if len(modalities) == 2 else [])
+        return modalities + (["cross-modal"] if {"speech", "text"} <= set(modalities) else [])
 
     def forward(
         self, features: dict[str, ModalityFeatures], utterance_mask: torch.Tensor, state: dict | None = None
@@ -176,7 +177,7 @@ class MisterEFusion(nn.Module):
         masks = [features[m].mask for m in self.modalities]
         paired = paired_mask = None
         if self.cross_modal is not None:
-            speech, text = (features[m] for m in self.modalities)
+            speech, text = features["speech"], features["text"]
             if state is None:
                 logits, speech_repr, text_repr = self.cross_modal(speech.utterance, text.utterance, utterance_mask)
             else:

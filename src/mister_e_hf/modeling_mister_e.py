@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .backbones import build_backbone, encode_speech, encode_text, load_backbone, load_backbone_config
+from .backbones import ENCODERS, INPUT_NAMES, build_backbone, load_backbone, load_backbone_config
 from .backbones import resolve_text_pooling
 from .configuration_mister_e import MODALITIES, MisterEConfig
 from .fusions import FUSIONS
@@ -174,6 +174,7 @@ class MisterEModel(MisterEPreTrainedModel):
         speech_backbone (`PreTrainedModel`, *optional*): an already built (e.g. pretrained) speech backbone to use
             instead of building a random one from `config.speech_config`.
         text_backbone (`PreTrainedModel`, *optional*): likewise for the text backbone.
+        visual_backbone (`PreTrainedModel`, *optional*): likewise for the visual backbone.
     """
 
     def __init__(
@@ -181,20 +182,24 @@ class MisterEModel(MisterEPreTrainedModel):
         config: MisterEConfig,
         speech_backbone: PreTrainedModel | None = None,
         text_backbone: PreTrainedModel | None = None,
+        visual_backbone: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        given = {"speech": speech_backbone, "text": text_backbone}
+        given = {"speech": speech_backbone, "text": text_backbone, "visual": visual_backbone}
         for modality in MODALITIES:
             backbone = None
             if config.backbone_config(modality) is not None:
-                backbone = given[modality] if given[modality] is not None else build_backbone(config.backbone_config(modality))
+                backbone = given[modality]
+                if backbone is None:
+                    backbone = build_backbone(config.backbone_config(modality), modality)
             elif given[modality] is not None:
                 raise ValueError(f"A {modality} backbone was given but the config has no `{modality}_config`.")
             setattr(self, f"{modality}_backbone", backbone)
             if backbone is not None and getattr(config, f"freeze_{modality}_backbone"):
                 backbone.requires_grad_(False)
 
-        self.text_pooling = resolve_text_pooling(config.text_pooling, config.text_config)
+        self.poolings = {"speech": config.speech_pooling, "visual": config.visual_pooling,
+                         "text": resolve_text_pooling(config.text_pooling, config.text_config)}
         self.layer_combiners = nn.ModuleDict(
             {m: LAYER_COMBINERS[getattr(config, f"{m}_layers")](config.embed_layers(m))
              for m in config.modalities if config.embed_layers(m)}
@@ -224,37 +229,41 @@ class MisterEModel(MisterEPreTrainedModel):
         cls,
         speech_model_name_or_path: str | None = None,
         text_model_name_or_path: str | None = None,
+        visual_model_name_or_path: str | None = None,
         *,
         freeze_speech_backbone: bool = False,
         freeze_text_backbone: bool = False,
+        freeze_visual_backbone: bool = False,
         backbone_kwargs: dict | None = None,
         **config_kwargs,
     ) -> "MisterEModel":
-        """Builds a MiSTER-E model around pretrained backbones (Hub ids or local folders; either may be None).
+        """Builds a MiSTER-E model around pretrained backbones (Hub ids or local folders; any may be None).
 
         The backbones keep their loaded weights; only MiSTER-E's own layers are initialised. `backbone_kwargs` go to
         each backbone's `from_pretrained` (e.g. `revision`, `dtype`), `config_kwargs` to [`MisterEConfig`]
         (e.g. `id2label`, `projection_dim`).
         """
-        if speech_model_name_or_path is None and text_model_name_or_path is None and not any(
-            config_kwargs.get(f"{m}_embed_dim") for m in MODALITIES
-        ):
-            raise ValueError("Give at least one backbone (speech or text) or an embedding size for embeddings mode.")
+        paths = {"speech": speech_model_name_or_path, "text": text_model_name_or_path,
+                 "visual": visual_model_name_or_path}
+        if not any(paths.values()) and not any(config_kwargs.get(f"{m}_embed_dim") for m in MODALITIES):
+            raise ValueError("Give at least one backbone (speech, text or visual) or an embedding size for "
+                             "embeddings mode.")
         backbone_kwargs = backbone_kwargs or {}
         backbones, configs = {}, {}
-        for modality, path in (("speech", speech_model_name_or_path), ("text", text_model_name_or_path)):
+        for modality, path in paths.items():
             if path is None:
                 continue
-            backbones[modality] = load_backbone(path, **backbone_kwargs)
+            backbones[f"{modality}_backbone"] = load_backbone(path, modality, **backbone_kwargs)
             configs[f"{modality}_config"] = load_backbone_config(path, **backbone_kwargs)
             configs[f"{modality}_backbone_name_or_path"] = str(path)
         config = MisterEConfig(
             **configs,
             freeze_speech_backbone=freeze_speech_backbone,
             freeze_text_backbone=freeze_text_backbone,
+            freeze_visual_backbone=freeze_visual_backbone,
             **config_kwargs,
         )
-        return cls(config, speech_backbone=backbones.get("speech"), text_backbone=backbones.get("text"))
+        return cls(config, **backbones)
 
     def train(self, mode: bool = True):
         """Frozen backbones stay in eval mode (no dropout) while the rest trains."""
@@ -281,44 +290,25 @@ class MisterEModel(MisterEPreTrainedModel):
         frozen = getattr(self.config, f"freeze_{modality}_backbone")
         return torch.no_grad() if frozen else nullcontext()
 
-    def embed_utterances(
-        self,
-        modality: str,
-        mask: torch.Tensor,
-        input_values: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        speech_attention_mask: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        text_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def embed_utterances(self, modality: str, mask: torch.Tensor, **inputs) -> torch.Tensor:
         """Pooled backbone embeddings `(B, U, D)` of the utterances where `mask` `(B, U)` is True (zeros elsewhere);
         `(B, U, L, D)`, every hidden layer pooled, when the modality's layers are combined (`speech_layers`).
 
-        This is what embeddings mode (`speech_embeds` / `text_embeds`) takes, and what an embedding cache stores.
+        `inputs` are the modality's raw inputs, `(B, U, ...)`: `input_values` or `input_features` with
+        `speech_attention_mask`; `input_ids` with `text_attention_mask`; `pixel_values`. This is what embeddings mode
+        (`speech_embeds`, `text_embeds`, `visual_embeds`) takes, and what an embedding cache stores.
         """
-        all_layers = self.config.embed_layers(modality) is not None
         backbone = getattr(self, f"{modality}_backbone")
         if backbone is None:
             raise ValueError(
                 f"This model has no {modality} backbone (embeddings mode): pass `{modality}_embeds` instead of raw inputs."
             )
         selected = mask.bool()
+        rows = {name: value[selected] for name, value in inputs.items()
+                if name in INPUT_NAMES[modality] and value is not None}
         with self._backbone_context(modality):
-            if modality == "speech":
-                inputs = input_values if input_values is not None else input_features
-                if speech_attention_mask is None:
-                    raise ValueError("Speech inputs need `speech_attention_mask` (the processor returns it).")
-                pooled = encode_speech(
-                    backbone, inputs[selected], speech_attention_mask[selected], self.config.speech_pooling,
-                    self.config.backbone_chunk_size, all_layers,
-                )
-            else:
-                if text_attention_mask is None:
-                    raise ValueError("Text inputs need `text_attention_mask` (the processor returns it).")
-                pooled = encode_text(
-                    backbone, input_ids[selected], text_attention_mask[selected], self.text_pooling,
-                    self.config.backbone_chunk_size, all_layers,
-                )
+            pooled = ENCODERS[modality](backbone, rows, self.poolings[modality], self.config.backbone_chunk_size,
+                                        self.config.embed_layers(modality) is not None)
         embeds = pooled.new_zeros(*mask.shape, *pooled.shape[1:])
         embeds[selected] = pooled
         return embeds
@@ -350,9 +340,12 @@ class MisterEModel(MisterEPreTrainedModel):
         text_attention_mask: torch.LongTensor | None = None,
         speech_embeds: torch.FloatTensor | None = None,
         text_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        visual_embeds: torch.FloatTensor | None = None,
         utterance_mask: torch.LongTensor | None = None,
         speech_mask: torch.LongTensor | None = None,
         text_mask: torch.LongTensor | None = None,
+        visual_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         conversation_state: dict | None = None,
     ) -> MisterEOutput:
@@ -363,11 +356,13 @@ class MisterEModel(MisterEPreTrainedModel):
             speech_attention_mask (`(batch, utterances, samples or frames)`): 1 over real audio.
             input_ids (`(batch, utterances, tokens)`): right-padded token ids of each utterance's text.
             text_attention_mask (`(batch, utterances, tokens)`): 1 over real tokens.
-            speech_embeds / text_embeds (`(batch, utterances, dim)`): precomputed pooled utterance embeddings
-                (embeddings mode, or a cache of frozen backbones); used instead of the raw inputs when given.
+            pixel_values (`(batch, utterances, channels, height, width)`): one frame per utterance, for a visual
+                backbone.
+            speech_embeds / text_embeds / visual_embeds (`(batch, utterances, dim)`): precomputed pooled utterance
+                embeddings (embeddings mode, or a cache of frozen backbones); used instead of the raw inputs.
             utterance_mask (`(batch, utterances)`): 1 for real utterances, 0 for padding (a prefix per conversation).
                 Defaults to all ones.
-            speech_mask / text_mask (`(batch, utterances)`): 1 where an utterance has this modality (e.g. 0 for an
+            speech_mask / text_mask / visual_mask (`(batch, utterances)`): 1 where an utterance has this modality (0 for an
                 utterance without audio). Default: every real utterance, when the modality's inputs are given.
             labels (`(batch, utterances)`): class ids, -100 for padding or unlabelled utterances.
             conversation_state (`dict`, *optional*): streaming with a causal model (`context_bidirectional=False`):
@@ -383,8 +378,9 @@ class MisterEModel(MisterEPreTrainedModel):
             "speech": {"input_values": input_values, "input_features": input_features,
                        "speech_attention_mask": speech_attention_mask},
             "text": {"input_ids": input_ids, "text_attention_mask": text_attention_mask},
+            "visual": {"pixel_values": pixel_values},
         }
-        given_embeds = {"speech": speech_embeds, "text": text_embeds}
+        given_embeds = {"speech": speech_embeds, "text": text_embeds, "visual": visual_embeds}
         utterance_mask = self._utterance_mask(utterance_mask, raw, given_embeds)
         if conversation_state is not None:
             if self.config.context_bidirectional:
@@ -394,7 +390,8 @@ class MisterEModel(MisterEPreTrainedModel):
             conversation_state.setdefault("context", {})
             conversation_state.setdefault("fusion", {})
             conversation_state["turns"] = conversation_state.get("turns", 0) + 1
-        features = self._features(raw, given_embeds, {"speech": speech_mask, "text": text_mask}, utterance_mask,
+        given_masks = {"speech": speech_mask, "text": text_mask, "visual": visual_mask}
+        features = self._features(raw, given_embeds, given_masks, utterance_mask,
                                   None if conversation_state is None else conversation_state["context"])
 
         fused = self.fusion(features, utterance_mask,

@@ -85,10 +85,34 @@ def read_audio(audio, sampling_rate=None, conversation: int | None = None, utter
     return audio.astype(np.float32), int(sampling_rate)
 
 
+def read_image(image, conversation: int | None = None, utterance: int | None = None):
+    """An utterance's frame as given (a PIL image or an `(H, W, C)` array), or opened from a path with PIL."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise ConversationInputError(f"image file {str(image)!r} not found", conversation, utterance)
+        from PIL import Image
+
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except Exception as error:
+            raise ConversationInputError(f"cannot decode image file {str(image)!r}: {error}", conversation,
+                                         utterance) from None
+    if isinstance(image, np.ndarray) and (image.ndim != 3 or not np.isfinite(image).all()):
+        raise ConversationInputError(f"an image array must be (height, width, channels) and finite, got shape "
+                                     f"{image.shape}", conversation, utterance)
+    return image
+
+
+MODALITY_KEYS = {"speech": "audio", "text": "text", "visual": "image"}
+"""The utterance key each modality reads."""
+
+
 class MisterEProcessor(ProcessorMixin):
     r"""
-    Holds the speech backbone's feature extractor and the text backbone's tokenizer (either may be `None` for a
-    text-only or speech-only model) and turns a batch of conversations into everything [`MisterEModel`] needs:
+    Holds the speech backbone's feature extractor, the text backbone's tokenizer and the visual backbone's image
+    processor (each may be `None`: a model need not have every modality) and turns a batch of conversations into
+    everything [`MisterEModel`] needs:
 
     ```python
     inputs = processor(
@@ -99,51 +123,70 @@ class MisterEProcessor(ProcessorMixin):
     ```
 
     Each utterance is a dict with `text` (required when there is a tokenizer) and optionally `audio` (a 1-D array, or
-    a path to an audio file) with its `sampling_rate`. An utterance without audio is marked in `speech_mask` and the
-    model's experts that need speech are masked for it. Audio is resampled to the feature extractor's rate; frames,
-    tokens, utterances and conversations are padded, with masks.
+    a path to an audio file) with its `sampling_rate`, and `image` (one frame: a PIL image, an `(H, W, C)` array or a
+    path) for a visual backbone. An utterance without audio (or image) is marked in `speech_mask` (`visual_mask`) and
+    the model's experts that need that modality are masked for it. Audio is resampled to the feature extractor's
+    rate; frames, tokens, utterances and conversations are padded, with masks.
 
     Args:
         feature_extractor: the speech backbone's feature extractor, or `None`.
         tokenizer: the text backbone's tokenizer, or `None`.
+        image_processor: the visual backbone's image processor, or `None`.
         max_text_length: truncate each utterance's text to this many tokens (`None`: no truncation).
     """
 
-    attributes = ["feature_extractor", "tokenizer"]
+    attributes = ["feature_extractor", "tokenizer", "image_processor"]
 
-    def __init__(self, feature_extractor=None, tokenizer=None, max_text_length: int | None = 256, **kwargs):
+    def __init__(self, feature_extractor=None, tokenizer=None, image_processor=None,
+                 max_text_length: int | None = 256, **kwargs):
         # ProcessorMixin.__init__ requires every sub-processor; a MiSTER-E model may lack a modality, so this
-        # processor accepts None for either and checks the types itself.
+        # processor accepts None for any and checks the types itself.
         self.chat_template = None
         if feature_extractor is not None and not isinstance(feature_extractor, SequenceFeatureExtractor):
             raise TypeError(f"`feature_extractor` must be an audio feature extractor, got {type(feature_extractor).__name__}.")
         if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(f"`tokenizer` must be a tokenizer, got {type(tokenizer).__name__}.")
-        if feature_extractor is None and tokenizer is None:
-            raise ValueError("A MisterEProcessor needs a feature extractor, a tokenizer, or both.")
+        if image_processor is not None and not callable(image_processor):
+            raise TypeError(f"`image_processor` must be an image processor, got {type(image_processor).__name__}.")
+        if feature_extractor is None and tokenizer is None and image_processor is None:
+            raise ValueError("A MisterEProcessor needs a feature extractor, a tokenizer or an image processor.")
         if tokenizer is not None and tokenizer.pad_token is None:
             # decoder-only LMs often ship without a padding token; padding positions are masked anyway
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
         self.max_text_length = max_text_length
 
     @classmethod
     def from_backbones(
-        cls, speech_model_name_or_path: str | None = None, text_model_name_or_path: str | None = None, **kwargs
+        cls, speech_model_name_or_path: str | None = None, text_model_name_or_path: str | None = None,
+        visual_model_name_or_path: str | None = None, **kwargs
     ) -> "MisterEProcessor":
         """The processor matching [`MisterEModel.from_backbones`] (same Hub ids or folders)."""
+        from transformers import AutoImageProcessor
+
         feature_extractor = (
             AutoFeatureExtractor.from_pretrained(speech_model_name_or_path) if speech_model_name_or_path else None
         )
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path) if text_model_name_or_path else None
-        return cls(feature_extractor=feature_extractor, tokenizer=tokenizer, **kwargs)
+        image_processor = (
+            AutoImageProcessor.from_pretrained(visual_model_name_or_path) if visual_model_name_or_path else None
+        )
+        return cls(feature_extractor=feature_extractor, tokenizer=tokenizer, image_processor=image_processor, **kwargs)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this processor prepares inputs for."""
+        present = {"speech": self.feature_extractor, "text": self.tokenizer, "visual": self.image_processor}
+        return tuple(m for m, part in present.items() if part is not None)
 
     # ------------------------------------------------------------------------------------------- save and load
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """Writes `processor_config.json` (with the feature extractor and an `auto_map`), the tokenizer files, and
-        this file's code, so that `AutoProcessor.from_pretrained(..., trust_remote_code=True)` works anywhere.
-        With `push_to_hub=True` the same files are then uploaded to `repo_id` (default: the folder's name)."""
+        """Writes `processor_config.json` (with the feature extractor, image processor and an `auto_map`), the
+        tokenizer files, and this file's code, so that `AutoProcessor.from_pretrained(..., trust_remote_code=True)`
+        works anywhere. With `push_to_hub=True` the same files are then uploaded to `repo_id` (default: the folder's
+        name)."""
         os.makedirs(save_directory, exist_ok=True)
         here = Path(__file__)
         for source in [here, *map(Path, get_relative_import_files(here))]:
@@ -162,19 +205,23 @@ class MisterEProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Loads the feature extractor and the tokenizer where the saved processor has them, `None` otherwise."""
+        """Loads the feature extractor, tokenizer and image processor where the saved processor has them."""
+        from transformers import AutoImageProcessor
+
         processor_dict = processor_dict or {}
         kwargs.pop("_from_auto", None)
-        feature_extractor = None
+        feature_extractor = image_processor = None
         if processor_dict.get("feature_extractor") is not None:
             feature_extractor = AutoFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if processor_dict.get("image_processor") is not None:
+            image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
         has_tokenizer = cached_file(
             pretrained_model_name_or_path, TOKENIZER_CONFIG_FILE, _raise_exceptions_for_missing_entries=False,
             _raise_exceptions_for_connection_errors=False, **hub_kwargs,
         )
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs) if has_tokenizer else None
-        return [feature_extractor, tokenizer]
+        return [feature_extractor, tokenizer, image_processor]
 
     # ------------------------------------------------------------------------------------------------- inputs
     @property
@@ -184,13 +231,15 @@ class MisterEProcessor(ProcessorMixin):
             names += [self.feature_extractor.model_input_names[0], "speech_attention_mask", "speech_mask"]
         if self.tokenizer is not None:
             names += ["input_ids", "text_attention_mask", "text_mask"]
+        if self.image_processor is not None:
+            names += ["pixel_values", "visual_mask"]
         return names
 
     def _load_audio(self, utterance: dict, b: int, u: int) -> np.ndarray:
         audio, sampling_rate = read_audio(utterance["audio"], utterance.get("sampling_rate"), b, u)
         return resample(audio, sampling_rate, self.feature_extractor.sampling_rate)
 
-    def _check_conversations(self, conversations) -> None:
+    def _check_conversations(self, conversations, modalities: tuple[str, ...]) -> None:
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ConversationInputError("`conversations` must be a non-empty list of conversations.")
         if isinstance(conversations[0], dict):
@@ -204,68 +253,77 @@ class MisterEProcessor(ProcessorMixin):
                 if not isinstance(utterance, dict):
                     raise ConversationInputError(f"an utterance must be a dict, got {type(utterance).__name__}.", b, u)
                 text = utterance.get("text")
-                if self.tokenizer is not None and not isinstance(text, str):
+                if "text" in modalities and not isinstance(text, str):
                     raise ConversationInputError(
                         f"no text (got {text!r}); this model has a text backbone and needs a transcript for every "
                         "utterance (the pipeline can transcribe audio with `asr_model=`).", b, u
                     )
-                has_audio = utterance.get("audio") is not None
-                if self.tokenizer is None and self.feature_extractor is not None and not has_audio:
-                    raise ConversationInputError("no audio; this model has only a speech backbone.", b, u)
+                if not any(utterance.get(MODALITY_KEYS[m]) is not None for m in modalities):
+                    wanted = " or ".join(MODALITY_KEYS[m] for m in modalities)
+                    raise ConversationInputError(f"no {wanted}; this model needs at least one of them.", b, u)
 
-    def __call__(self, conversations=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def __call__(self, conversations=None, return_tensors: str | None = "pt", modalities=None,
+                 **kwargs) -> BatchFeature:
         """Pads a batch of conversations into model inputs.
 
         Returns a [`BatchFeature`] with `utterance_mask` `(B, U)` and, per modality the processor has:
         speech: `input_values` `(B, U, samples)` or `input_features` `(B, U, mels, frames)`,
         `speech_attention_mask` and `speech_mask` `(B, U)`; text: `input_ids`, `text_attention_mask` `(B, U, tokens)`
-        and `text_mask` `(B, U)`.
+        and `text_mask` `(B, U)`; visual: `pixel_values` `(B, U, channels, height, width)` and `visual_mask`.
+        `modalities` limits the work to some of the processor's modalities (e.g. `["speech"]`).
         """
         if kwargs:
             raise TypeError(f"Unexpected arguments {sorted(kwargs)}; pass `conversations=[[utterance, ...], ...]`.")
-        self._check_conversations(conversations)
+        modalities = self.modalities if modalities is None else tuple(m for m in self.modalities if m in modalities)
+        self._check_conversations(conversations, modalities)
         batch, turns = len(conversations), max(len(c) for c in conversations)
         utterance_mask = np.zeros((batch, turns), dtype=np.int64)
         for b, conversation in enumerate(conversations):
             utterance_mask[b, : len(conversation)] = 1
         data = {"utterance_mask": utterance_mask}
-        if self.feature_extractor is not None:
-            data.update(self._speech_inputs(conversations, batch, turns))
-        if self.tokenizer is not None:
-            data.update(self._text_inputs(conversations, batch, turns))
+        for modality in modalities:
+            data.update(getattr(self, f"_{modality}_inputs")(conversations, batch, turns))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def _present(self, conversations, key: str):
+        """(positions (b, u), values) of the utterances that have `key`."""
+        items = [((b, u), utterance[key]) for b, conversation in enumerate(conversations)
+                 for u, utterance in enumerate(conversation) if utterance.get(key) is not None]
+        return [p for p, _ in items], [v for _, v in items]
+
+    @staticmethod
+    def _scatter(positions, values: np.ndarray, batch: int, turns: int, dtype) -> np.ndarray:
+        """`(N, ...)` per-utterance arrays into a zero-padded `(batch, turns, ...)` array."""
+        padded = np.zeros((batch, turns, *values.shape[1:]), dtype=dtype)
+        if positions:
+            rows, cols = np.array(positions).T
+            padded[rows, cols] = values
+        return padded
+
     def _speech_inputs(self, conversations, batch: int, turns: int) -> dict[str, np.ndarray]:
-        positions, waveforms = [], []
-        for b, conversation in enumerate(conversations):
-            for u, utterance in enumerate(conversation):
-                if utterance.get("audio") is not None:
-                    positions.append((b, u))
-                    waveforms.append(self._load_audio(utterance, b, u))
-        input_name = self.feature_extractor.model_input_names[0]
-        speech_mask = np.zeros((batch, turns), dtype=np.int64)
+        positions, _ = self._present(conversations, "audio")
+        waveforms = [self._load_audio(conversations[b][u], b, u) for b, u in positions]
+        speech_mask = self._scatter(positions, np.ones(len(positions)), batch, turns, np.int64)
         if not waveforms:
             return {"speech_mask": speech_mask}
+        input_name = self.feature_extractor.model_input_names[0]
         options = {"padding": True} if input_name == "input_values" else {}
         limit = getattr(self.feature_extractor, "n_samples", None)
         if limit is not None and max(len(w) for w in waveforms) > limit:
             logger.warning(f"Some utterances are longer than the feature extractor's {limit} samples and are truncated.")
         features = self.feature_extractor(
-            waveforms,
-            sampling_rate=self.feature_extractor.sampling_rate,
-            return_attention_mask=True,
-            return_tensors="np",
-            **options,
+            waveforms, sampling_rate=self.feature_extractor.sampling_rate, return_attention_mask=True,
+            return_tensors="np", **options,
         )
-        values, mask = np.asarray(features[input_name]), np.asarray(features["attention_mask"])
-        padded = np.zeros((batch, turns, *values.shape[1:]), dtype=np.float32)
-        padded_mask = np.zeros((batch, turns, mask.shape[-1]), dtype=np.int64)
-        rows, cols = np.array(positions).T
-        padded[rows, cols], padded_mask[rows, cols], speech_mask[rows, cols] = values, mask, 1
-        return {input_name: padded, "speech_attention_mask": padded_mask, "speech_mask": speech_mask}
+        return {
+            input_name: self._scatter(positions, np.asarray(features[input_name]), batch, turns, np.float32),
+            "speech_attention_mask": self._scatter(positions, np.asarray(features["attention_mask"]), batch, turns,
+                                                   np.int64),
+            "speech_mask": speech_mask,
+        }
 
     def _text_inputs(self, conversations, batch: int, turns: int) -> dict[str, np.ndarray]:
-        texts = [utterance["text"] for conversation in conversations for utterance in conversation]
+        positions, texts = self._present(conversations, "text")
         encoded = self.tokenizer(
             texts,
             padding=True,
@@ -275,17 +333,20 @@ class MisterEProcessor(ProcessorMixin):
             return_attention_mask=True,
             return_tensors="np",
         )
-        length = encoded["input_ids"].shape[1]
-        input_ids = np.full((batch, turns, length), self.tokenizer.pad_token_id, dtype=np.int64)
-        attention = np.zeros((batch, turns, length), dtype=np.int64)
-        text_mask = np.zeros((batch, turns), dtype=np.int64)
-        row = 0
-        for b, conversation in enumerate(conversations):
-            n = len(conversation)
-            input_ids[b, :n], attention[b, :n] = encoded["input_ids"][row : row + n], encoded["attention_mask"][row : row + n]
-            text_mask[b, :n] = 1
-            row += n
-        return {"input_ids": input_ids, "text_attention_mask": attention, "text_mask": text_mask}
+        input_ids = self._scatter(positions, encoded["input_ids"], batch, turns, np.int64)
+        attention = self._scatter(positions, encoded["attention_mask"], batch, turns, np.int64)
+        input_ids[attention.sum(-1) == 0] = self.tokenizer.pad_token_id
+        return {"input_ids": input_ids, "text_attention_mask": attention,
+                "text_mask": self._scatter(positions, np.ones(len(positions)), batch, turns, np.int64)}
+
+    def _visual_inputs(self, conversations, batch: int, turns: int) -> dict[str, np.ndarray]:
+        positions, images = self._present(conversations, "image")
+        visual_mask = self._scatter(positions, np.ones(len(positions)), batch, turns, np.int64)
+        if not images:
+            return {"visual_mask": visual_mask}
+        frames = [read_image(image, b, u) for (b, u), image in zip(positions, images)]
+        pixels = np.asarray(self.image_processor(images=frames, return_tensors="np")["pixel_values"])
+        return {"pixel_values": self._scatter(positions, pixels, batch, turns, np.float32), "visual_mask": visual_mask}
 
 
-__all__ = ["MisterEProcessor", "ConversationInputError", "read_audio", "resample"]
+__all__ = ["MisterEProcessor", "ConversationInputError", "read_audio", "read_image", "resample"]

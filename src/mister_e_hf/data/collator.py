@@ -8,12 +8,13 @@ import torch
 from .common import UNLABELLED
 
 
-EMBEDDING_MODALITIES = ("speech", "text")
+EMBEDDING_MODALITIES = ("speech", "text", "visual")
 
 
 @dataclass
 class DataCollatorForConversations:
-    """Collates rows of a conversation dataset (`texts`, `audio`, `labels`, ...) for [`MisterEModel`].
+    """Collates rows of a conversation dataset (`texts`, `audio`, optional `images`, `labels`, ...) for
+    [`MisterEModel`].
 
     Rows that carry cached embeddings (`speech_embeds` / `text_embeds` with `speech_present` / `text_present`, as
     written by `cache.add_cached_embeddings`) are batched in embeddings mode, without touching audio or text. Other
@@ -46,8 +47,9 @@ class DataCollatorForConversations:
                 raise ValueError("Rows without cached embeddings need a processor to collate raw audio and text.")
             conversations = [
                 [
-                    {"text": text, "audio": audio}
-                    for text, audio in zip(row["texts"], row.get("audio") or [None] * len(row["texts"]))
+                    {"text": text, "audio": audio, "image": image}
+                    for text, audio, image in zip(row["texts"], row.get("audio") or [None] * len(row["texts"]),
+                                                  row.get("images") or [None] * len(row["texts"]))
                 ]
                 for row in rows
             ]

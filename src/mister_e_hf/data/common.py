@@ -87,13 +87,15 @@ def check_audio(path: str) -> str | None:
 
 
 def conversation_features(label_names: list[str], metadata: dict[str, Value]) -> Features:
-    """Schema of a conversation row: ids, texts, audio paths (None where absent), labels and metadata, per turn."""
+    """Schema of a conversation row: ids, texts, audio and image paths (None where absent), labels and metadata,
+    per turn."""
     return Features(
         {
             "conversation_id": Value("string"),
             "turns": List(Value("int32")),
             "texts": List(Value("string")),
             "audio": List(Value("string")),
+            "images": List(Value("string")),
             "labels": List(ClassLabel(names=list(label_names))),
             **{name: List(value) for name, value in metadata.items()},
             "num_turns": Value("int32"),
@@ -115,7 +117,8 @@ def build_split(
     """Groups utterance records into conversations and validates them.
 
     Args:
-        records: dicts with `conversation_id`, `turn` (int), `text` (str or None), `audio` (path or None),
+        records: dicts with `conversation_id`, `turn` (int), `text` (str or None), `audio` (path or None), optionally
+            `image` (path of one frame of the utterance, or None),
             `label` (a name from `label_names`, or None for an unlabelled utterance) and the `metadata` keys.
         split: split name, for messages and the report.
         label_names: the label set, in id order.
@@ -144,6 +147,9 @@ def build_split(
                        f"{where}; allowed: {sorted(allowed)}")
         elif record.get("audio") is not None and check_audio_files and (reason := check_audio(record["audio"])):
             problem = (reason, f"{reason}: {record['audio']} (conversation {conversation_id!r}, turn {turn}){where}")
+        elif record.get("image") is not None and not os.path.isfile(record["image"]):
+            problem = ("image file not found", f"image file not found: {record['image']} (conversation "
+                                               f"{conversation_id!r}, turn {turn}){where}")
         if problem is not None:
             if not skip_invalid:
                 raise CorpusError(problem[1] + " (pass skip_invalid=True / --skip_invalid to leave such utterances out)")
@@ -168,6 +174,7 @@ def build_split(
                 "turns": order,
                 "texts": [u.get("text") for u in utterances],
                 "audio": [u.get("audio") for u in utterances],
+                "images": [u.get("image") for u in utterances],
                 "labels": [label_names.index(u["label"]) if u.get("label") is not None else UNLABELLED
                            for u in utterances],
                 **{name: [u.get(name) for u in utterances] for name in metadata},

@@ -1,7 +1,7 @@
 """A generic manifest, so that users bring their own corpus: CSV or JSONL, one line per utterance.
 
-Required columns: `conversation_id`, `turn`, `text`, `label` (empty = unlabelled); optional: `audio` (a path,
-relative to the manifest's folder or absolute; empty = no audio). Every other column is kept as per-turn string
+Required columns: `conversation_id`, `turn`, `text`, `label` (empty = unlabelled); optional: `audio` and `image`
+(paths, relative to the manifest's folder or absolute; empty = none; `image` is one frame of the utterance). Every other column is kept as per-turn string
 metadata. Splits come as files (`train_file`, `validation_file`, `test_file`, as in the Hugging Face examples) or as a
 folder holding `train`, `validation` (or `dev`) and `test` files.
 """
@@ -18,7 +18,7 @@ from .common import CorpusError, DataReport, build_split, require_file
 REQUIRED = ("conversation_id", "turn", "text", "label")
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
 LAYOUT = """a CSV (with a header) or JSONL file per split, one line per utterance, columns:
-  conversation_id, turn (0, 1, ...), text, label (empty: unlabelled), audio (optional path), any metadata...
+  conversation_id, turn (0, 1, ...), text, label (empty: unlabelled), audio and image (optional paths), metadata...
 given as --train_file/--validation_file/--test_file, or a folder with train.csv|jsonl, validation.csv|jsonl
 (or dev.*), test.csv|jsonl"""
 
@@ -65,6 +65,13 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _resolve(value, folder: Path) -> str | None:
+    """A path relative to the manifest's folder (or absolute), or None when blank."""
+    if _blank(value):
+        return None
+    return str(value) if Path(str(value)).is_absolute() else str(folder / str(value))
+
+
 def load_manifest(
     data_dir: str | Path | None = None,
     train_file: str | None = None,
@@ -83,24 +90,21 @@ def load_manifest(
     splits = {}
     for split, rows in tables.items():
         path = files[split]
-        extra = [c for c in rows[0] if c not in (*REQUIRED, "audio")]
+        extra = [c for c in rows[0] if c not in (*REQUIRED, "audio", "image")]
         records = []
         for number, row in enumerate(rows, 1):
             try:
                 turn = int(row["turn"])
             except (TypeError, ValueError):
                 raise CorpusError(f"{path}, utterance {number}: turn {row['turn']!r} is not an integer.") from None
-            audio = row.get("audio")
-            if not _blank(audio):
-                audio = str(audio) if Path(str(audio)).is_absolute() else str(path.parent / str(audio))
-            else:
-                audio = None
+            audio, image = (_resolve(row.get(c), path.parent) for c in ("audio", "image"))
             records.append(
                 {
                     "conversation_id": str(row["conversation_id"]),
                     "turn": turn,
                     "text": None if _blank(row["text"]) else str(row["text"]),
                     "audio": audio,
+                    "image": image,
                     "label": None if _blank(row["label"]) else str(row["label"]).strip(),
                     **{c: None if row.get(c) is None else str(row[c]) for c in extra},
                 }
