@@ -218,7 +218,7 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
         head=model_args.head,
         **parse_overrides(model_args.config_overrides),
     )
-    processor = MisterEProcessor.from_backbones(*paths)
+    processor = MisterEProcessor.from_backbones(*paths, text_views=model.config.text_views)
     return model, processor
 
 

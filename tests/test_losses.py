@@ -95,7 +95,7 @@ def test_model_losses_equal_references_on_its_own_outputs(build):
     labels[0, 3] = -100  # an unlabelled real utterance
 
     captured = {}
-    model.fusion.register_forward_hook(lambda module, args, output: captured.setdefault("fusion", output))
+    model.fusion.register_forward_hook(lambda module, args, output: captured.update(fusion=output))
     with torch.no_grad():
         out = model(**inputs, labels=labels)
     fusion = captured["fusion"]

@@ -62,7 +62,7 @@ def test_guided_gated_fusion_shapes_masks_gradients_and_distillation(build):
     model, inputs = model.double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     labels = random_labels(inputs, seed=2)
     captured = {}
-    model.fusion.register_forward_hook(lambda module, args, output: captured.setdefault("fusion", output))
+    model.fusion.register_forward_hook(lambda module, args, output: captured.update(fusion=output))
     model.train()
     out = model(**inputs, labels=labels)
     assert out.expert_logits.shape == (2, 3, 4, 4) and out.gate_weights.shape == (2, 3, 4)
@@ -126,7 +126,7 @@ def synthetic_dimensions(n_conversations=48, turns=5, seed=0):
     return torch.from_numpy(speech), torch.from_numpy(text), torch.from_numpy(np.stack([valence, arousal], -1))
 
 
-@pytest.mark.parametrize("fusion", ["mister-e", "guided-gated"])
+@pytest.mark.parametrize("fusion", ["mister-e", "guided-gated", "film-moe"])
 def test_regression_head_learns_a_synthetic_valence_function(fusion):
     from mister_e_hf.metrics import concordance_correlation_coefficient
 
@@ -192,3 +192,92 @@ def test_run_erc_trains_a_regression_head_from_manifest_columns(tmp_path, tiny_b
     card = ModelCard.load(tmp_path / "run" / "README.md")
     assert {r.metric_type for r in card.data.eval_results} >= {"ccc_mean", "ccc_valence", "ccc_arousal"}
     assert "regression" in card.text
+
+
+def test_film_moe_routes_each_dimension_and_text_modulates_the_acoustic_experts():
+    torch.manual_seed(0)
+    model = MisterEModel(regression_config(fusion="film-moe", num_film_experts=3)).eval()
+    assert model.expert_names == ["film-1", "film-2", "film-3"]
+    for layer in model.fusion.modules():  # larger weights so that routes and modulation differ visibly
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+    speech, text, _ = synthetic_dimensions(2, 4)
+    speech_mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        out = model(speech_embeds=speech, text_embeds=text, speech_mask=speech_mask)
+        other_text = model(speech_embeds=speech, text_embeds=text.flip(0), speech_mask=speech_mask)
+    assert out.gate_weights.shape == (2, 4, 3, 2)  # (batch, utterances, experts, dimensions)
+    torch.testing.assert_close(out.gate_weights.sum(2), torch.ones(2, 4, 2))
+    assert not torch.allclose(out.gate_weights[..., 0], out.gate_weights[..., 1])  # each dimension has its route
+    assert out.expert_mask[0, 1].all()  # without audio the experts run on the text-made shift
+    assert not torch.allclose(out.expert_logits, other_text.expert_logits)  # text modulates the experts
+
+
+def test_text_views_are_gated_and_cached(tmp_path, tiny_backbones, tokenizer):
+    """Multi-granularity text: transcript, emphasised words and description, fused by the intra-modal gate."""
+    import json
+
+    from mister_e_hf import MisterEProcessor
+    from mister_e_hf.cache import add_cached_embeddings
+    from mister_e_hf.data import DataCollatorForConversations, load_corpus
+
+    speech, text = tiny_backbones
+    views = ["text", "emphasis", "description"]
+    model = MisterEModel.from_backbones(str(speech), str(text), freeze_speech_backbone=True, freeze_text_backbone=True,
+                                        text_views=views, fusion="film-moe", **TINY_HEAD).eval()
+    processor = MisterEProcessor.from_backbones(str(speech), str(text), text_views=views)
+    conversation = [
+        {"audio": np.zeros(8000, dtype=np.float32), "sampling_rate": 16000, "text": "oh great today",
+         "emphasis": ["great"], "description": "she laughs"},
+        {"audio": np.zeros(6000, dtype=np.float32), "sampling_rate": 16000, "text": "that is terrible"},
+    ]
+    inputs = processor(conversations=[conversation])
+    assert inputs["input_ids"].shape[:3] == (1, 2, 3)
+    assert inputs["text_view_mask"].tolist() == [[[1, 1, 1], [1, 0, 0]]]
+    captured = {}
+    model.text_views.register_forward_hook(lambda m, args, out: captured.update(views=args))
+    with torch.no_grad():
+        raw = model(**inputs)
+    views_embeds, present = captured["views"]
+    assert views_embeds.shape[2] == 3 and present[0, 1].tolist() == [True, False, False]
+    assert views_embeds[0, 1, 1:].abs().sum() == 0  # missing views are zeros and weighed 0
+
+    rows = [{"conversation_id": "c0", "turn": t, "text": u["text"], "label": "x", "audio": f"a{t}.wav",
+             "emphasis": " ".join(u.get("emphasis", [])), "description": u.get("description", "")}
+            for t, u in enumerate(conversation)]
+    import soundfile
+
+    for t, u in enumerate(conversation):
+        soundfile.write(tmp_path / f"a{t}.wav", u["audio"], 16000)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets, _ = load_corpus("manifest", data_dir=tmp_path)
+    cached, stats = add_cached_embeddings(model, processor, datasets, tmp_path / "cache")
+    assert stats.utterances_embedded == 2 + 4  # two clips; texts: 2 transcripts, 1 emphasis, 1 description
+    batch = DataCollatorForConversations(processor)([cached["train"][0]])
+    assert batch["text_embeds"].shape[:3] == (1, 2, 3) and batch["text_view_mask"].tolist() == [[[1, 1, 1], [1, 0, 0]]]
+    with torch.no_grad():
+        from_cache = model(**{k: v for k, v in batch.items() if k != "labels"})
+    torch.testing.assert_close(from_cache.logits, raw.logits, atol=1e-5, rtol=0)
+    raw_batch = DataCollatorForConversations(processor)([datasets["train"][0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**{k: v for k, v in raw_batch.items() if k != "labels"}).logits, raw.logits,
+                                   atol=1e-5, rtol=0)
+
+
+def test_regression_models_through_pipeline_and_streaming(build):
+    from transformers import pipeline
+
+    from mister_e_hf.pipeline import TASK
+
+    model, processor = build("wav2vec2", "bert", head="regression", fusion="film-moe", context_bidirectional=False,
+                             id2label={0: "valence", 1: "arousal", 2: "dominance"}, num_labels=3)
+    conversation = make_conversations([3], seed=54)[0]
+    (predictions,) = [pipeline(TASK, model=model, processor=processor)(conversation)]
+    assert set(predictions[0]) == {"values", "gate_weights"}
+    assert set(predictions[0]["values"]) == {"valence", "arousal", "dominance"}
+    assert len(predictions[0]["gate_weights"]["film-1"]) == 3  # routed per dimension
+    recognizer = StreamingEmotionRecognizer(model, processor)
+    for utterance, expected in zip(conversation, predictions):
+        streamed = recognizer.push(utterance)
+        assert streamed.label is None
+        assert streamed.scores == pytest.approx(expected["values"], abs=1e-5)

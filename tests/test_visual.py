@@ -68,7 +68,7 @@ def test_two_modality_guided_fusion_is_guided_by_the_third_when_present(trimodal
     conversations = with_frames(make_conversations([2], seed=62))
     inputs = processor(conversations=conversations)
     captured = {}
-    model.fusion.guide["speech+text"].register_forward_hook(lambda m, args, out: captured.setdefault("guide", args[0]))
+    model.fusion.guide["speech+text"].register_forward_hook(lambda m, args, out: captured.update(guide=args[0]))
     with torch.no_grad():
         model(**inputs)
     visual_enhanced = captured["guide"]

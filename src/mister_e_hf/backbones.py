@@ -215,9 +215,18 @@ def _speech(backbone, inputs, pooling, chunk_size, all_layers):
 
 
 def _text(backbone, inputs, pooling, chunk_size, all_layers):
-    if inputs.get("text_attention_mask") is None:
+    """Text rows `(N, L)`, or several views per utterance `(N, views, L)`: each present view is encoded on its own
+    and absent views (no tokens) give zeros."""
+    ids, mask = inputs["input_ids"], inputs.get("text_attention_mask")
+    if mask is None:
         raise ValueError("Text inputs need `text_attention_mask` (the processor returns it).")
-    return encode_text(backbone, inputs["input_ids"], inputs["text_attention_mask"], pooling, chunk_size, all_layers)
+    if ids.dim() == 2:
+        return encode_text(backbone, ids, mask, pooling, chunk_size, all_layers)
+    present = mask.bool().any(-1)  # (N, views)
+    pooled = encode_text(backbone, ids[present], mask[present], pooling, chunk_size, all_layers)
+    views = pooled.new_zeros(*present.shape, *pooled.shape[1:])
+    views[present] = pooled
+    return views
 
 
 def _visual(backbone, inputs, pooling, chunk_size, all_layers):

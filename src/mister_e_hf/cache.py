@@ -120,13 +120,19 @@ class EmbeddingCache:
         os.replace(entry / f".{name}", entry / name)  # readers never see half-written shards
 
 
-def _utterances(dataset: Dataset, modality: str) -> list[tuple[int, int, str]]:
-    """(row, turn, source value) of every utterance of `dataset` that has `modality`."""
-    column = SOURCES[modality][0]
+def _utterances(dataset: Dataset, column: str) -> list[tuple[int, int, str]]:
+    """(row, turn, value) of every utterance of `dataset` whose per-turn `column` has a value."""
     if column not in dataset.column_names:
         return []
     return [(i, t, value) for i, values in enumerate(dataset[column]) for t, value in enumerate(values)
-            if value is not None]
+            if value is not None and value != ""]
+
+
+def _columns(model, modality: str) -> list[str]:
+    """The dataset columns a modality's embeddings come from: one, or one per text view."""
+    if modality == "text" and model.text_views is not None:
+        return [SOURCES["text"][0] if view == "text" else view for view in model.config.text_views]
+    return [SOURCES[modality][0]]
 
 
 def _length(modality: str, value: str) -> float:
@@ -158,7 +164,10 @@ def extract_embeddings(model, processor, modality: str, utterances: list[str], b
             inputs = processor(conversations=[[{key: utterances[i]}] for i in chunk], modalities=[modality])
             inputs = {k: v.to(model.device) for k, v in inputs.items() if k in INPUT_NAMES[modality]}
             mask = torch.ones(len(chunk), 1, dtype=torch.bool, device=model.device)
-            embeds = model.embed_utterances(modality, mask, **inputs)[:, 0].float().cpu().numpy()
+            embeds = model.embed_utterances(modality, mask, **inputs)[:, 0]
+            if modality == "text" and model.text_views is not None:
+                embeds = embeds[:, 0]  # each text goes in as the transcript view
+            embeds = embeds.float().cpu().numpy()
             for i, vector in zip(chunk, embeds):
                 vectors[i] = vector
             progress.update(len(chunk))
@@ -173,10 +182,11 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
     `dataset`'s rows, read from the cache and extracting only the utterances it lacks."""
     stats = stats if stats is not None else CacheStats()
     entry = cache.entry(extraction_settings(model, processor, modality, weights))
-    utterances = _utterances(dataset, modality)
-    keys = [utterance_key(modality, value) for _, _, value in utterances]
+    views = [_utterances(dataset, column) for column in _columns(model, modality)]
+    keys = [[utterance_key(modality, value) for _, _, value in view] for view in views]
     index, table = cache.read(entry)
-    missing = sorted({k: value for k, (_, _, value) in zip(keys, utterances) if k not in index}.items())
+    missing = sorted({k: value for view, view_keys in zip(views, keys) for k, (_, _, value) in zip(view_keys, view)
+                      if k not in index}.items())
     if missing:
         start = time.perf_counter()
         vectors = extract_embeddings(model, processor, modality, [u for _, u in missing], batch_size, desc)
@@ -184,21 +194,30 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
         stats.extraction_seconds += time.perf_counter() - start
         stats.utterances_embedded += len(missing)
         index, table = cache.read(entry)
-    stats.cached_utterances += len(utterances) - len(missing)
+    total = sum(len(view) for view in views)
+    stats.cached_utterances += total - len(missing)
 
-    found = table.select([index[k] for k in keys]).with_format("numpy")[:]["embedding"] if keys else []
-    shape = found.shape[1:] if keys else (
-        *([model.config.embed_layers(modality)] if model.config.embed_layers(modality) else []),
-        model.config.embed_dim(modality))
-    embeds = [[np.zeros(shape, dtype=np.float32)] * n for n in dataset["num_turns"]]
-    present = [[0] * n for n in dataset["num_turns"]]
-    for (i, t, _), vector in zip(utterances, found):
-        embeds[i][t], present[i][t] = vector, 1
+    layers = model.config.embed_layers(modality)
+    shape = (*([layers] if layers else []), model.config.embed_dim(modality))  # of one utterance's embedding
+    per_view = []
+    for view, view_keys in zip(views, keys):
+        found = table.select([index[k] for k in view_keys]).with_format("numpy")[:]["embedding"] if view_keys else []
+        embeds = [[np.zeros(shape, dtype=np.float32)] * n for n in dataset["num_turns"]]
+        present = [[0] * n for n in dataset["num_turns"]]
+        for (i, t, _), vector in zip(view, found):
+            embeds[i][t], present[i][t] = vector, 1
+        per_view.append((embeds, present))
+    columns = {f"{modality}_embeds": per_view[0][0], f"{modality}_present": per_view[0][1]}
     vector_type = Value("float32")
     for _ in shape:
         vector_type = List(vector_type)
-    features = Features({f"{modality}_embeds": List(vector_type), f"{modality}_present": List(Value("int8"))})
-    return Dataset.from_dict({f"{modality}_embeds": embeds, f"{modality}_present": present}, features=features)
+    features = {f"{modality}_embeds": List(vector_type), f"{modality}_present": List(Value("int8"))}
+    if len(per_view) > 1:  # text views: (views, [layers,] dim) per turn, and which views exist
+        columns[f"{modality}_embeds"] = [[np.stack(turn) for turn in zip(*rows)] for rows in zip(*(e for e, _ in per_view))]
+        columns[f"{modality}_view_present"] = [[list(turn) for turn in zip(*rows)] for rows in zip(*(p for _, p in per_view))]
+        features[f"{modality}_embeds"] = List(List(vector_type))
+        features[f"{modality}_view_present"] = List(List(Value("int8")))
+    return Dataset.from_dict(columns, features=Features(features))
 
 
 def add_cached_embeddings(

@@ -183,6 +183,8 @@ def evaluate(args) -> None:
 
 
 def plot_gates(args) -> None:
+    import numpy as np
+
     from .plotting import plot_gate_weights_along_turns
 
     conversations = read_conversations(args.conversation)
@@ -191,8 +193,8 @@ def plot_gates(args) -> None:
     recognizer = _recognizer(args.model)
     (predictions,) = _run(recognizer, conversations, 1, args.asr_model)
     experts = recognizer.model.expert_names
-    gates = [[p["gate_weights"][e] for e in experts] for p in predictions]
-    labels = [f"{t}: {p['label']}" for t, p in enumerate(predictions)]
+    gates = [[np.mean(p["gate_weights"][e]) for e in experts] for p in predictions]  # routed per dimension: mean
+    labels = [f"{t}: {p['label']}" if "label" in p else str(t) for t, p in enumerate(predictions)]
     with atomic_output(args.output) as temporary:
         plot_gate_weights_along_turns(gates, experts, temporary, labels=labels)
     print(f"wrote {args.output}")

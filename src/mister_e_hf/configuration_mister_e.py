@@ -84,6 +84,10 @@ class MisterEConfig(PreTrainedConfig):
     """Embeddings mode with combined layers: how many layers each precomputed text embedding holds."""
     visual_embed_layers: int | None = None
     """Embeddings mode with combined layers: how many layers each precomputed visual embedding holds."""
+    text_views: list[str] = field(default_factory=lambda: ["text"])
+    """Text views of each utterance, fused by an intra-modal gate (MSF-SER's multi-granularity text): `text` (the
+    transcript) first, then e.g. `emphasis` (the emphasised words) or `description` (an extended description); each
+    is read from the utterance key (and dataset column) of that name, and a missing view is masked."""
     backbone_chunk_size: int | None = None
     """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
 
@@ -114,6 +118,8 @@ class MisterEConfig(PreTrainedConfig):
     dropout: float = 0.2
     """Dropout in projections, context layers, experts and the gate."""
 
+    num_film_experts: int = 4
+    """Number of FiLM-modulated acoustic experts of the `film-moe` fusion."""
     fusion: str = "mister-e"
     """How modality representations become expert predictions and gate weights: a name from `fusions.FUSIONS`."""
     head: str = "classification"
@@ -210,6 +216,8 @@ class MisterEConfig(PreTrainedConfig):
                 raise ValueError(f"Unknown {modality}_layers {layers!r}; choose one of {['last', *LAYER_COMBINERS]}.")
             if self.has_modality(modality) and layers != "last" and not self.embed_layers(modality):
                 raise ValueError(f"`{modality}_layers={layers!r}` in embeddings mode needs `{modality}_embed_layers`.")
+        if not self.text_views or self.text_views[0] != "text" or len(set(self.text_views)) != len(self.text_views):
+            raise ValueError(f"`text_views` must start with 'text' (the transcript) and not repeat, got {self.text_views}.")
         for name, value, registry in (
             ("speech_pooling", self.speech_pooling, POOLINGS),
             ("text_pooling", self.text_pooling, {**POOLINGS, "auto": None}),
@@ -222,7 +230,7 @@ class MisterEConfig(PreTrainedConfig):
             if value not in registry:
                 raise ValueError(f"Unknown {name} {value!r}; choose one of {sorted(registry)}.")
         for name in ("projection_dim", "context_hidden_size", "context_num_layers", "expert_hidden_size",
-                     "gate_hidden_size", "cross_attention_heads"):
+                     "gate_hidden_size", "cross_attention_heads", "num_film_experts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
         if self.cross_attention_layers < 0:

@@ -7,11 +7,12 @@ across the utterances of a streamed conversation, for fusions that look across u
 here by name; the model class does not change.
 """
 
+from .fusion_film_moe import FiLMMoEFusion
 from .fusion_guided_gated import GuidedGatedFusion
 from .fusion_mister_e import MisterEFusion
 
 
-FUSIONS = {"mister-e": MisterEFusion, "guided-gated": GuidedGatedFusion}
+FUSIONS = {"mister-e": MisterEFusion, "guided-gated": GuidedGatedFusion, "film-moe": FiLMMoEFusion}
 """Registry of fusions by the name used in `MisterEConfig.fusion`."""
 
 __all__ = ["FUSIONS"]

@@ -63,6 +63,23 @@ class UtteranceProjection(nn.Module):
         return self.dropout(self.linear(self.norm(embeds)))
 
 
+class TextViewGate(nn.Module):
+    """The intra-modal gate of multi-granularity text (MSF-SER): per utterance, softmax weights over its text views
+    (transcript, emphasised words, description, ...) from each view's embedding; missing views get weight 0.
+
+    `(B, U, views, D)` embeddings and `(B, U, views)` presence -> `(B, U, D)`.
+    """
+
+    def __init__(self, dim: int, hidden_size: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1))
+
+    def forward(self, views: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        scores = self.score(views).squeeze(-1).masked_fill(~present, torch.finfo(views.dtype).min)
+        weights = scores.softmax(-1) * present
+        return (weights.unsqueeze(-1) * views).sum(-2)
+
+
 class ConversationContext(nn.Module):
     """The convolutional + recurrent context layer over a conversation's utterances (one per modality).
 
@@ -208,6 +225,8 @@ class MisterEModel(MisterEPreTrainedModel):
             {m: UtteranceProjection(self._combined_dim(m), config.projection_dim, config.dropout)
              for m in config.modalities}
         )
+        self.text_views = (TextViewGate(self._combined_dim("text"), config.gate_hidden_size)
+                           if "text" in config.modalities and len(config.text_views) > 1 else None)
         context_class = CONTEXT_LAYERS[config.context_layer]
         self.contexts = nn.ModuleDict({m: context_class(config.projection_dim, config) for m in config.modalities})
         self.head = HEADS[config.head](config)
@@ -314,14 +333,18 @@ class MisterEModel(MisterEPreTrainedModel):
         return embeds
 
     def _modality_inputs(self, modality, raw, embeds, mask, utterance_mask):
-        """(embeddings `(B, U, D)`, mask `(B, U)`) of one modality, from precomputed embeddings, raw inputs, or none."""
+        """(embeddings `(B, U, [views,] [layers,] D)`, mask `(B, U)`) of one modality, from precomputed embeddings,
+        raw inputs, or none."""
         mask = utterance_mask if mask is None else mask.bool() & utterance_mask
         if embeds is not None:
             layers = self.config.embed_layers(modality)
-            expected = (*utterance_mask.shape, *([layers] if layers else []), self.config.embed_dim(modality))
+            views = len(self.config.text_views) if modality == "text" and self.text_views is not None else None
+            expected = (*utterance_mask.shape, *([views] if views else []), *([layers] if layers else []),
+                        self.config.embed_dim(modality))
             if tuple(embeds.shape) != expected:
+                names = ("views, " if views else "") + ("layers, " if layers else "")
                 raise ValueError(
-                    f"`{modality}_embeds` must have shape (batch, utterances, {'layers, ' if layers else ''}dim) = "
+                    f"`{modality}_embeds` must have shape (batch, utterances, {names}dim) = "
                     f"{expected}, got {tuple(embeds.shape)}."
                 )
             return embeds * mask.view(*mask.shape, *[1] * (embeds.dim() - 2)).to(embeds.dtype), mask
@@ -346,6 +369,7 @@ class MisterEModel(MisterEPreTrainedModel):
         speech_mask: torch.LongTensor | None = None,
         text_mask: torch.LongTensor | None = None,
         visual_mask: torch.LongTensor | None = None,
+        text_view_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         conversation_state: dict | None = None,
     ) -> MisterEOutput:
@@ -354,7 +378,8 @@ class MisterEModel(MisterEPreTrainedModel):
             input_values (`(batch, utterances, samples)`): raw waveforms, for `input_values` speech backbones.
             input_features (`(batch, utterances, mels, frames)`): log-mel features, for Whisper-style backbones.
             speech_attention_mask (`(batch, utterances, samples or frames)`): 1 over real audio.
-            input_ids (`(batch, utterances, tokens)`): right-padded token ids of each utterance's text.
+            input_ids (`(batch, utterances, tokens)`): right-padded token ids of each utterance's text; with several
+                `text_views`, `(batch, utterances, views, tokens)`.
             text_attention_mask (`(batch, utterances, tokens)`): 1 over real tokens.
             pixel_values (`(batch, utterances, channels, height, width)`): one frame per utterance, for a visual
                 backbone.
@@ -362,6 +387,8 @@ class MisterEModel(MisterEPreTrainedModel):
                 embeddings (embeddings mode, or a cache of frozen backbones); used instead of the raw inputs.
             utterance_mask (`(batch, utterances)`): 1 for real utterances, 0 for padding (a prefix per conversation).
                 Defaults to all ones.
+            text_view_mask (`(batch, utterances, views)`): with several `text_views`, 1 where a view exists (default:
+                the views with tokens, or every view for precomputed embeddings).
             speech_mask / text_mask / visual_mask (`(batch, utterances)`): 1 where an utterance has this modality (0 for an
                 utterance without audio). Default: every real utterance, when the modality's inputs are given.
             labels (`(batch, utterances)`): class ids, -100 for padding or unlabelled utterances.
@@ -391,8 +418,11 @@ class MisterEModel(MisterEPreTrainedModel):
             conversation_state.setdefault("fusion", {})
             conversation_state["turns"] = conversation_state.get("turns", 0) + 1
         given_masks = {"speech": speech_mask, "text": text_mask, "visual": visual_mask}
+        if text_view_mask is None and input_ids is not None and input_ids.dim() == 4:
+            text_view_mask = text_attention_mask.bool().any(-1)  # the views that have tokens
         features = self._features(raw, given_embeds, given_masks, utterance_mask,
-                                  None if conversation_state is None else conversation_state["context"])
+                                  None if conversation_state is None else conversation_state["context"],
+                                  text_view_mask)
 
         fused = self.fusion(features, utterance_mask,
                             **({} if conversation_state is None else {"state": conversation_state["fusion"]}))
@@ -417,9 +447,10 @@ class MisterEModel(MisterEPreTrainedModel):
             **components,
         )
 
-    def _features(self, raw, given_embeds, given_masks, utterance_mask, context_state=None):
-        """Each modality's `ModalityFeatures`: embeddings (given, or from the backbone), layers combined, projected
-        and put in context. With `context_state` (streaming), the context layers step over one new utterance."""
+    def _features(self, raw, given_embeds, given_masks, utterance_mask, context_state=None, view_mask=None):
+        """Each modality's `ModalityFeatures`: embeddings (given, or from the backbone), layers combined, text views
+        fused, projected and put in context. With `context_state` (streaming), the context layers step over one new
+        utterance."""
         features = {}
         for modality in self.config.modalities:
             embeds, mask = self._modality_inputs(
@@ -427,8 +458,13 @@ class MisterEModel(MisterEPreTrainedModel):
             )
             if embeds is None:
                 embeds = self._zeros(utterance_mask, self._combined_dim(modality))
-            elif modality in self.layer_combiners:
-                embeds = self.layer_combiners[modality](embeds)
+            else:
+                if modality in self.layer_combiners:
+                    embeds = self.layer_combiners[modality](embeds)
+                if modality == "text" and self.text_views is not None:
+                    present = view_mask if view_mask is not None else torch.ones(
+                        embeds.shape[:3], dtype=torch.bool, device=embeds.device)
+                    embeds = self.text_views(embeds, present.bool() & mask.unsqueeze(-1))
             projected = self.projections[modality](embeds) * mask.unsqueeze(-1)
             if context_state is None:
                 context = self.contexts[modality](projected, utterance_mask)

@@ -91,23 +91,26 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
                 "utterance_mask": outputs.utterance_mask, "texts": texts}
 
     def postprocess(self, outputs):
+        """Per utterance: `label`, `score` and `scores` (classification) or `values` per dimension (regression), and
+        the experts' `gate_weights` (per dimension when the fusion routes each dimension)."""
         id2label = self.model.config.id2label
         experts = self.model.expert_names
-        probabilities = outputs["logits"].float().exp().cpu()
+        regression = self.model.config.head == "regression"
+        logits = outputs["logits"].float().cpu()
         gates = outputs["gate_weights"].float().cpu()
         lengths = outputs["utterance_mask"].sum(1).tolist()
         results = []
         for b, length in enumerate(lengths):
             conversation = []
             for t in range(length):
-                p = probabilities[b, t]
-                best = int(p.argmax())
-                item = {
-                    "label": id2label[best],
-                    "score": float(p[best]),
-                    "scores": {id2label[i]: float(v) for i, v in enumerate(p)},
-                    "gate_weights": dict(zip(experts, gates[b, t].tolist())),
-                }
+                if regression:
+                    item = {"values": {id2label[i]: float(v) for i, v in enumerate(logits[b, t])}}
+                else:
+                    p = logits[b, t].exp()
+                    best = int(p.argmax())
+                    item = {"label": id2label[best], "score": float(p[best]),
+                            "scores": {id2label[i]: float(v) for i, v in enumerate(p)}}
+                item["gate_weights"] = dict(zip(experts, gates[b, t].tolist()))
                 if outputs["texts"][b][t] is not None:
                     item["transcript"] = outputs["texts"][b][t]
                 conversation.append(item)

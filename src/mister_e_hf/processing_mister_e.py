@@ -133,12 +133,14 @@ class MisterEProcessor(ProcessorMixin):
         tokenizer: the text backbone's tokenizer, or `None`.
         image_processor: the visual backbone's image processor, or `None`.
         max_text_length: truncate each utterance's text to this many tokens (`None`: no truncation).
+        text_views: the utterance keys read as text views (default `["text"]`; e.g. `["text", "emphasis",
+            "description"]` for a model with multi-granularity text). A view given as a list of words is joined.
     """
 
     attributes = ["feature_extractor", "tokenizer", "image_processor"]
 
     def __init__(self, feature_extractor=None, tokenizer=None, image_processor=None,
-                 max_text_length: int | None = 256, **kwargs):
+                 max_text_length: int | None = 256, text_views: list[str] | None = None, **kwargs):
         # ProcessorMixin.__init__ requires every sub-processor; a MiSTER-E model may lack a modality, so this
         # processor accepts None for any and checks the types itself.
         self.chat_template = None
@@ -157,6 +159,9 @@ class MisterEProcessor(ProcessorMixin):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_text_length = max_text_length
+        self.text_views = list(text_views) if text_views else ["text"]
+        if self.text_views[0] != "text":
+            raise ValueError(f"`text_views` must start with 'text' (the transcript), got {self.text_views}.")
 
     @classmethod
     def from_backbones(
@@ -231,6 +236,7 @@ class MisterEProcessor(ProcessorMixin):
             names += [self.feature_extractor.model_input_names[0], "speech_attention_mask", "speech_mask"]
         if self.tokenizer is not None:
             names += ["input_ids", "text_attention_mask", "text_mask"]
+            names += ["text_view_mask"] if len(self.text_views) > 1 else []
         if self.image_processor is not None:
             names += ["pixel_values", "visual_mask"]
         return names
@@ -323,9 +329,11 @@ class MisterEProcessor(ProcessorMixin):
         }
 
     def _text_inputs(self, conversations, batch: int, turns: int) -> dict[str, np.ndarray]:
-        positions, texts = self._present(conversations, "text")
+        positions, _ = self._present(conversations, "text")
+        views = [[self._view(conversations[b][u], view) for b, u in positions] for view in self.text_views]
+        flat = [text for view in views for text in view if text is not None]
         encoded = self.tokenizer(
-            texts,
+            flat,
             padding=True,
             truncation=self.max_text_length is not None,
             max_length=self.max_text_length,
@@ -333,11 +341,32 @@ class MisterEProcessor(ProcessorMixin):
             return_attention_mask=True,
             return_tensors="np",
         )
-        input_ids = self._scatter(positions, encoded["input_ids"], batch, turns, np.int64)
-        attention = self._scatter(positions, encoded["attention_mask"], batch, turns, np.int64)
-        input_ids[attention.sum(-1) == 0] = self.tokenizer.pad_token_id
-        return {"input_ids": input_ids, "text_attention_mask": attention,
-                "text_mask": self._scatter(positions, np.ones(len(positions)), batch, turns, np.int64)}
+        length = encoded["input_ids"].shape[1]
+        ids = np.full((len(positions), len(views), length), self.tokenizer.pad_token_id, dtype=np.int64)
+        attention = np.zeros((len(positions), len(views), length), dtype=np.int64)
+        row = 0
+        for v, view in enumerate(views):
+            for i, text in enumerate(view):
+                if text is not None:
+                    ids[i, v], attention[i, v] = encoded["input_ids"][row], encoded["attention_mask"][row]
+                    row += 1
+        if len(views) == 1:
+            ids, attention = ids[:, 0], attention[:, 0]
+        input_ids = self._scatter(positions, ids, batch, turns, np.int64)
+        attention = self._scatter(positions, attention, batch, turns, np.int64)
+        input_ids[attention == 0] = self.tokenizer.pad_token_id
+        result = {"input_ids": input_ids, "text_attention_mask": attention,
+                  "text_mask": self._scatter(positions, np.ones(len(positions)), batch, turns, np.int64)}
+        if len(views) > 1:
+            result["text_view_mask"] = attention.any(-1).astype(np.int64)
+        return result
+
+    @staticmethod
+    def _view(utterance: dict, view: str) -> str | None:
+        value = utterance.get(view)
+        if isinstance(value, (list, tuple)):  # e.g. the emphasised words
+            value = " ".join(str(word) for word in value)
+        return value if isinstance(value, str) and value.strip() else None
 
     def _visual_inputs(self, conversations, batch: int, turns: int) -> dict[str, np.ndarray]:
         positions, images = self._present(conversations, "image")

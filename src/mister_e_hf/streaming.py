@@ -13,13 +13,14 @@ import torch
 
 @dataclass
 class UtterancePrediction:
-    """The prediction for one utterance: label, class scores, the experts' gate weights and the time it took."""
+    """The prediction for one utterance: label, class scores (for a regression head: no label, and `scores` holds the
+    value of each dimension), the experts' gate weights and the time it took."""
 
     turn: int
-    label: str
-    score: float
+    label: str | None
+    score: float | None
     scores: dict[str, float]
-    gate_weights: dict[str, float]
+    gate_weights: dict
     latency_ms: float
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -67,14 +68,16 @@ class StreamingEmotionRecognizer:
         outputs = self.model(**inputs, conversation_state=self.state)
         self.state = outputs.conversation_state
         done = time.perf_counter()
-        probabilities = outputs.logits[0, 0].float().exp().cpu()
         id2label = self.model.config.id2label
-        best = int(probabilities.argmax())
+        regression = self.model.config.head == "regression"
+        values = outputs.logits[0, 0].float().cpu()
+        values = values if regression else values.exp()  # values, or class probabilities
+        best = None if regression else int(values.argmax())
         return UtterancePrediction(
             turn=self.turns - 1,
-            label=id2label[best],
-            score=float(probabilities[best]),
-            scores={id2label[i]: float(p) for i, p in enumerate(probabilities)},
+            label=None if regression else id2label[best],
+            score=None if regression else float(values[best]),
+            scores={id2label[i]: float(v) for i, v in enumerate(values)},
             gate_weights=dict(zip(self.model.expert_names, outputs.gate_weights[0, 0].float().cpu().tolist())),
             latency_ms=1000 * (done - start),
             timings_ms={"processor": 1000 * (prepared - start), "model": 1000 * (done - prepared)},

@@ -42,14 +42,18 @@ class DataCollatorForConversations:
             batch = {"utterance_mask": utterance_mask}
             for modality in cached:
                 batch[f"{modality}_embeds"], batch[f"{modality}_mask"] = self._stack_embeddings(rows, modality, turns)
+            if "text_view_present" in rows[0]:
+                batch["text_view_mask"] = self._stack(rows, "text_view_present", turns, np.int64)
         else:
             if self.processor is None:
                 raise ValueError("Rows without cached embeddings need a processor to collate raw audio and text.")
+            views = [v for v in getattr(self.processor, "text_views", ["text"]) if v != "text"]
             conversations = [
                 [
-                    {"text": text, "audio": audio, "image": image}
-                    for text, audio, image in zip(row["texts"], row.get("audio") or [None] * len(row["texts"]),
-                                                  row.get("images") or [None] * len(row["texts"]))
+                    {"text": text, "audio": audio, "image": image, **{v: row[v][t] for v in views if v in row}}
+                    for t, (text, audio, image) in enumerate(zip(
+                        row["texts"], row.get("audio") or [None] * len(row["texts"]),
+                        row.get("images") or [None] * len(row["texts"])))
                 ]
                 for row in rows
             ]
@@ -61,15 +65,17 @@ class DataCollatorForConversations:
         return batch
 
     @staticmethod
-    def _stack_embeddings(rows, modality, turns):
-        shape = np.asarray(rows[0][f"{modality}_embeds"][0], dtype=np.float32).shape  # (dim,) or (layers, dim)
-        embeds = np.zeros((len(rows), turns, *shape), dtype=np.float32)
-        present = np.zeros((len(rows), turns), dtype=np.int64)
+    def _stack(rows, column: str, turns: int, dtype) -> torch.Tensor:
+        """A per-turn column of arrays, zero-padded to `(batch, turns, ...)`."""
+        shape = np.asarray(rows[0][column][0]).shape  # e.g. (dim,), (layers, dim), (views, dim)
+        stacked = np.zeros((len(rows), turns, *shape), dtype=dtype)
         for b, row in enumerate(rows):
-            n = len(row[f"{modality}_embeds"])
-            embeds[b, :n] = np.asarray(row[f"{modality}_embeds"], dtype=np.float32)
-            present[b, :n] = np.asarray(row[f"{modality}_present"], dtype=np.int64)
-        return torch.from_numpy(embeds), torch.from_numpy(present)
+            stacked[b, : len(row[column])] = np.asarray(row[column], dtype=dtype)
+        return torch.from_numpy(stacked)
+
+    def _stack_embeddings(self, rows, modality, turns):
+        return (self._stack(rows, f"{modality}_embeds", turns, np.float32),
+                self._stack(rows, f"{modality}_present", turns, np.int64))
 
     def _values(self, rows, turns) -> torch.Tensor:
         missing = [c for c in self.label_columns if c not in rows[0]]
