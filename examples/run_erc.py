@@ -161,7 +161,8 @@ def parse_overrides(text: str | None) -> dict:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            pass
+            if value.startswith("[") and value.endswith("]"):  # a list of bare words: [text,emphasis]
+                value = [part.strip() for part in value[1:-1].split(",") if part.strip()]
         overrides[key] = float(value) if key in float_fields and isinstance(value, int) else value
     return overrides
 
