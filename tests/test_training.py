@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,15 @@ def test_cache_is_reused_and_keyed_on_weights_and_data(tiny_backbones, corpus, t
     assert again["train"]["text_embeds"] == first["train"]["text_embeds"]
     # another split of the same utterances (e.g. another fold) reuses them too
     _, stats = add_cached_embeddings(model, processor, {"all": datasets["train"].select(range(4))}, tmp_path)
+    assert stats.utterances_embedded == 0
+    # the same weights from another folder (a copy, a symlink, a Hub id) hit the same entry
+    moved = tmp_path / "moved-speech-backbone"
+    shutil.copytree(speech, moved)
+    elsewhere = MisterEModel.from_backbones(str(moved), str(text), freeze_speech_backbone=True,
+                                            freeze_text_backbone=True, num_labels=3, projection_dim=16,
+                                            cross_attention_heads=2)
+    _, stats = add_cached_embeddings(elsewhere, MisterEProcessor.from_backbones(str(moved), str(text)),
+                                     {"test": datasets["test"]}, tmp_path)
     assert stats.utterances_embedded == 0
 
     # the cached embeddings are exactly what the model computes from raw inputs

@@ -94,7 +94,10 @@ class EmbeddingCache:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
 
     def entry(self, settings: dict) -> Path:
-        path = self.cache_dir / f"{settings['modality']}-{_digest(settings)}"
+        # the backbone's name or path is only a label: its weights digest identifies it, so the same weights
+        # loaded from another folder, a symlink or a Hub id share the entry
+        identity = {key: value for key, value in settings.items() if key != "backbone"}
+        path = self.cache_dir / f"{settings['modality']}-{_digest(identity)}"
         path.mkdir(parents=True, exist_ok=True)
         (path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
         return path
