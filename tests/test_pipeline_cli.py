@@ -86,6 +86,8 @@ def test_cli_predict_writes_one_line_per_utterance(saved_model, tmp_path):
     assert [(x["conversation_id"], x["turn"]) for x in lines] == [
         ("dialogue-0", 0), ("dialogue-0", 1), ("dialogue-1", 0), ("dialogue-1", 1), ("dialogue-1", 2), ("dialogue-2", 0)]
     assert lines[0]["label"] in {"calm", "happy", "angry", "sad"} and "gate_weights" in lines[0]
+    (tmp_path / "plain.txt").write_text("")  # the output gets the permissions any new file gets, not 0600
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
     to_stdout = mister_e("predict", "--model", saved_model, conversations)
     assert to_stdout.stdout.splitlines()[0] == (tmp_path / "out.jsonl").read_text().splitlines()[0]
 

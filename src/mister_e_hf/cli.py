@@ -30,10 +30,17 @@ def atomic_output(path: str | os.PathLike):
     os.close(handle)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give what a plain open() would
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _resolve(utterance: dict, folder: Path) -> dict:
