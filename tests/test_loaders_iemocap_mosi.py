@@ -278,3 +278,33 @@ def test_mosi_errors(mosi, tmp_path):
     assert data["test"][0]["num_turns"] == 2
     with pytest.raises(ValueError, match="label sets"):
         load_mosi(mosi, label_set="3")
+
+
+# ---------------------------------------------------------------- dimensional training from these loaders
+
+
+@pytest.mark.parametrize("dataset,columns", [("iemocap", "valence,arousal,dominance"), ("mosi", "score")])
+def test_run_erc_trains_a_regression_head_on_the_loaders_dimensions(dataset, columns, request, tmp_path,
+                                                                     tiny_backbones):
+    """IEMOCAP's valence/arousal/dominance and MOSI's sentiment score train `--head regression` through run_erc.py."""
+    import json
+
+    from helpers import run_erc
+
+    speech, text = tiny_backbones
+    data_dir = request.getfixturevalue(dataset)
+    output_dir = tmp_path / "run"
+    result = run_erc(
+        "--dataset", dataset, "--data_dir", data_dir, "--speech_model_name_or_path", speech,
+        "--text_model_name_or_path", text, "--freeze_backbones", "--output_dir", output_dir,
+        "--embedding_cache_dir", tmp_path / "cache", "--head", "regression", "--label_columns", columns,
+        "--config_overrides", "projection_dim=16,context_hidden_size=8,expert_hidden_size=16,cross_attention_heads=2",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--disable_tqdm", "true",
+        *(["--fold", "3"] if dataset == "iemocap" else []),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    test = json.loads((output_dir / "test_results.json").read_text())
+    for column in columns.split(","):
+        assert np.isfinite(test[f"test_ccc_{column}"]) and np.isfinite(test[f"test_mae_{column}"])
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["head"] == "regression" and list(config["id2label"].values()) == columns.split(",")
