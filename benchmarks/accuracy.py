@@ -2,6 +2,8 @@
 
     python benchmarks/accuracy.py                 # MELD (text, frozen MiniLM) and EmoDB (Whisper tiny.en + MiniLM)
     python benchmarks/accuracy.py --quick         # one seed, one EmoDB fold, few epochs: checks the script runs
+    python benchmarks/accuracy.py --datasets emodb --systems MiSTER-E --tag concat \
+        --recipe '{"emodb": {"config": {"speech_layers": "concat"}}}'   # a recipe variant, same protocol
 
 MELD: official splits, model picked on dev each run, test weighted F1. EmoDB: 5 speaker-independent folds (speaker
 pairs), trained on the 8 other speakers for a fixed number of epochs, mean test accuracy over folds. Both use the
@@ -134,6 +136,8 @@ def meld(args, seeds):
     for name, overrides in (("text only", {}),
                             *((n, VARIANTS[n]) for n in ("no context layer", "guided gated fusion (Zhao et al.)",
                                                          "FiLM mixture of experts (MSF-SER)"))):
+        if args.systems and name not in args.systems:
+            continue
         rows[name] = []
         for seed in seeds:
             with tempfile.TemporaryDirectory() as workdir:
@@ -165,6 +169,8 @@ def emodb(args, seeds):
         variants = {"text only": (["text"], {}), "speech only": (["speech"], {}),
                     **{name: (["speech", "text"], overrides) for name, overrides in VARIANTS.items()}}
         for name, (modalities, overrides) in variants.items():
+            if args.systems and name not in args.systems:
+                continue
             for seed in seeds:
                 with tempfile.TemporaryDirectory() as workdir:
                     result = train_and_test(base, overrides, modalities, datasets, training, seed, False, workdir)
@@ -211,8 +217,8 @@ NOTES = """Notes:
 """
 
 
-def render(results: dict, seeds: list[int]) -> str:
-    """The markdown table (mean ± std over seeds) and its notes."""
+def render(results: dict, seeds: list[int], recipe_changes: dict | None = None) -> str:
+    """The markdown table (mean ± std over seeds) and its notes; `recipe_changes` (from `--recipe`) are stated."""
     names = [n for n in ROW_ORDER if any(n in rows for rows in results.values())]
     names += [n for rows in results.values() for n in rows if n not in names]
     folds = len({run["fold"] for runs in results.get("emodb", {}).values() for run in runs if "fold" in run})
@@ -233,6 +239,8 @@ def render(results: dict, seeds: list[int]) -> str:
         cells.append(" / ".join(f"{g:.2f}" for g in gates) if len(gates) == 3 else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     header = f"# Accuracy on real data\n\nMean ± std over seeds {seeds} (EmoDB: each seed's mean over the folds).\n\n"
+    if recipe_changes:
+        header += f"**Recipe changed from README's** (`--recipe`): `{json.dumps(recipe_changes)}`.\n\n"
     return header + "\n".join(lines) + "\n\n" + NOTES
 
 
@@ -243,15 +251,29 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--cache_dir", default=None, help="embedding cache (default: the package default)")
     parser.add_argument("--quick", action="store_true")
+    systems = ["text only", "speech only", *VARIANTS]
+    parser.add_argument("--systems", nargs="+", default=None, choices=systems, metavar="NAME",
+                        help=f"train only these systems (logistic regressions always run); one of {systems}")
+    parser.add_argument("--recipe", type=json.loads, default={}, metavar="JSON",
+                        help='changes to the recipes, e.g. \'{"emodb": {"config": {"dropout": 0.4}, '
+                             '"training": {"num_train_epochs": 40}}}\'')
+    parser.add_argument("--tag", default=None, help="write accuracy-TAG.json/.md instead of accuracy.json/.md")
     parser.add_argument("--render", type=Path, default=None,
                         help="only rewrite the markdown from an earlier run's JSON (no training)")
     args = parser.parse_args()
     if args.render is not None:
         saved = json.loads(args.render.read_text())
-        markdown = render(saved["results"], saved["meta"]["seeds"])
+        markdown = render(saved["results"], saved["meta"]["seeds"], saved["meta"].get("recipe_changes"))
         args.render.with_suffix(".md").write_text(markdown)
         print(markdown)
         return
+    for dataset, changes in args.recipe.items():
+        unknown = set(changes) - {"config", "training"} if dataset in RECIPES else {dataset}
+        if unknown:
+            parser.error(f"--recipe: unknown key(s) {sorted(unknown)}; expected {{dataset: {{config|training: {{...}}}}}}"
+                         f" with dataset in {sorted(RECIPES)}")
+        for part, values in changes.items():
+            RECIPES[dataset][part] = {**RECIPES[dataset][part], **values}
     logging.set_verbosity_error()
     disable_progress_bar()
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -263,11 +285,12 @@ def main():
         results["emodb"] = emodb(args, seeds)
 
     meta = {"seeds": seeds, "quick": args.quick, "seconds": round(time.perf_counter() - start, 1),
-            "torch": torch.__version__, "python": sys.version.split()[0], "recipes": RECIPES}
+            "torch": torch.__version__, "python": sys.version.split()[0],
+            "recipes": RECIPES, "recipe_changes": args.recipe}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
     (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    markdown = render(results, seeds)
+    markdown = render(results, seeds, args.recipe)
     (RESULTS / f"accuracy{suffix}.md").write_text(markdown)
     print(markdown)
 
