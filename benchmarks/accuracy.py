@@ -206,7 +206,8 @@ NOT_APPLICABLE_ON_TEXT = {  # MELD is text only here: one expert, no gate, no sp
 NOTES = """Notes:
 
 - Seeds change the head's initialisation and the data order; the frozen backbones, the cached embeddings and the
-  folds stay the same. Logistic regression is deterministic (one value; EmoDB: mean over the 5 folds).
+  folds stay the same. Logistic regression has no seed (one value; EmoDB: mean over the 5 folds), though its
+  solver on thousands of standardised features can move a fold by an utterance or two between runs.
 - MELD here is text only (the shared copy has no audio): MiSTER-E on one modality is one expert with its context
   layer, without gate, contrastive pair or KL term, so those ablations do not apply ('—').
 - EmoDB conversations are single utterances: the context layer sees no neighbours there and acts as a per-utterance
