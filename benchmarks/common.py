@@ -190,6 +190,21 @@ def load_audio_16k(path: str, rate: int = 16000):
     return resample(audio, sampling_rate, rate)
 
 
+def head_training_arguments(output_dir: str, **overrides):
+    """`TrainingArguments` for training the MiSTER-E head on cached embeddings, as run_erc.py's defaults do (batch 16,
+    AdamW at lr 1e-3, weight decay 0.01, 5% warm-up, conversations grouped by length); evaluation, saving, logging and
+    progress bars off. `overrides` change any of them."""
+    from transformers import TrainingArguments
+
+    settings = dict(
+        per_device_train_batch_size=16, per_device_eval_batch_size=16, learning_rate=1e-3, weight_decay=0.01,
+        warmup_steps=0.05, train_sampling_strategy="group_by_length", length_column_name="num_turns",
+        remove_unused_columns=False, eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
+        disable_tqdm=True,
+    )
+    return TrainingArguments(output_dir=output_dir, **{**settings, **overrides})
+
+
 # ------------------------------------------------------------------------------------------------------ timing
 def summarize(seconds: list[float]) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),

@@ -19,8 +19,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import tempfile
 import time
 
-from common import (REPO_ROOT, add_asset_args, base_parser, current_rss_bytes, main_guard, meld_dir, minilm_path,
-                    run_in_child, setup, write_results)
+from common import (REPO_ROOT, add_asset_args, base_parser, current_rss_bytes, head_training_arguments, main_guard,
+                    meld_dir, minilm_path, run_in_child, setup, write_results)
 
 
 def parse_args():
@@ -65,16 +65,9 @@ def build(minilm: str, label_names):
 
 
 def training_arguments(output_dir: str, batch_size: int, seed: int, max_steps: int = -1):
-    """run_erc.py's `ErcTrainingArguments` defaults that matter for speed (batch size, length-grouped sampling,
-    AdamW, lr 1e-3, weight decay, warm-up), with evaluation, saving and logging off and one epoch."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=1, max_steps=max_steps, per_device_train_batch_size=batch_size,
-        learning_rate=1e-3, weight_decay=0.01, warmup_steps=0.05, train_sampling_strategy="group_by_length",
-        length_column_name="num_turns", remove_unused_columns=False, eval_strategy="no", save_strategy="no",
-        logging_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=seed,
-    )
+    """One epoch (or `max_steps`) of the head with run_erc.py's defaults, at `batch_size`."""
+    return head_training_arguments(output_dir, num_train_epochs=1, max_steps=max_steps,
+                                   per_device_train_batch_size=batch_size, seed=seed, use_cpu=True)
 
 
 def train_child(options: dict, scale: int) -> dict:

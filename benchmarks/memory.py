@@ -19,8 +19,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import tempfile
 
-from common import (REPO_ROOT, add_asset_args, base_parser, current_rss_bytes, emodb_clips, emodb_dir, main_guard,
-                    minilm_path, run_in_child, setup, whisper_path, write_results)
+from common import (REPO_ROOT, add_asset_args, base_parser, current_rss_bytes, emodb_clips, emodb_dir,
+                    head_training_arguments, main_guard, minilm_path, run_in_child, setup, whisper_path, write_results)
 
 
 def parse_args():
@@ -118,8 +118,6 @@ def _emodb_train(options: dict):
 
 
 def child_training(options: dict) -> dict:
-    from transformers import TrainingArguments
-
     from mister_e_hf.cache import add_cached_embeddings
     from mister_e_hf.data import DataCollatorForConversations
     from mister_e_hf.trainer import MisterETrainer
@@ -129,13 +127,8 @@ def child_training(options: dict) -> dict:
     datasets, stats = add_cached_embeddings(model, processor, _emodb_train(options), options["cache_dir"])
     rss_loaded = current_rss_bytes()
     with tempfile.TemporaryDirectory(prefix="mister-e-bench-") as output_dir:
-        args = TrainingArguments(output_dir=output_dir, num_train_epochs=1, per_device_train_batch_size=16,
-                                 learning_rate=1e-3, weight_decay=0.01, train_sampling_strategy="group_by_length",
-                                 length_column_name="num_turns", remove_unused_columns=False, eval_strategy="no",
-                                 save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
-                                 disable_tqdm=True)
-        trainer = MisterETrainer(model=model, args=args, train_dataset=datasets["train"],
-                                 data_collator=DataCollatorForConversations(processor))
+        trainer = MisterETrainer(model=model, args=head_training_arguments(output_dir, num_train_epochs=1, use_cpu=True),
+                                 train_dataset=datasets["train"], data_collator=DataCollatorForConversations(processor))
         result = trainer.train()
     return {"rss_loaded": rss_loaded, "rss_end": current_rss_bytes(), "conversations": len(datasets["train"]),
             "steps": result.global_step, "cache_misses": stats.utterances_embedded}

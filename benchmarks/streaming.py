@@ -53,9 +53,9 @@ def main():
 
     whisper, minilm = str(whisper_path(args)), str(minilm_path(args))
     clips = emodb_clips(emodb_dir(args))
+    labels = sorted({c["label"] for c in clips})
     step = max(1, len(clips) // args.utterances)  # spread over speakers
     clips = clips[::step][: args.utterances]
-    labels = sorted({c["label"] for c in emodb_clips(emodb_dir(args))})
     model = MisterEModel.from_backbones(whisper, minilm, freeze_speech_backbone=True, freeze_text_backbone=True,
                                         context_bidirectional=False, id2label=dict(enumerate(labels))).eval()
     processor = MisterEProcessor.from_backbones(whisper, minilm)
