@@ -264,3 +264,35 @@ def test_ablation_switches_no_gate_and_no_context(build):
         MisterEConfig(text_embed_dim=8, gate_type="sparse")
     with pytest.raises(Exception, match="Unknown context_layer"):
         MisterEConfig(text_embed_dim=8, context_layer="transformer")
+
+
+def test_embedding_standardization_fits_per_feature_and_names_bad_input():
+    model = MisterEModel(MisterEConfig(speech_embed_dim=4, text_embed_dim=3, speech_embed_layers=2,
+                                       speech_layers="concat", standardize_embeddings=True,
+                                       **TINY_HEAD)).eval()
+    speech = torch.randn(50, 2, 4) * torch.tensor([1.0, 10.0, 100.0, 0.0]) + 5.0  # the last feature never varies
+    model.fit_embedding_statistics("speech", speech)
+    standardizer = model.standardizers["speech"]
+    torch.testing.assert_close(standardizer.mean, speech.double().mean(0).float())
+    assert torch.all(standardizer.std[:, 3] == 1.0)  # constant features are centred, not blown up
+    standardized = standardizer(speech)
+    torch.testing.assert_close(standardized[..., :3].std(0, unbiased=False), torch.ones(2, 3), atol=1e-4, rtol=0)
+    assert not model.embedding_statistics_fitted  # text is not fitted yet
+    with pytest.raises(ValueError, match="text statistics were never fitted"):
+        model(speech_embeds=speech[:2].unsqueeze(0), text_embeds=torch.randn(1, 2, 3))
+    with pytest.raises(ValueError, match=r"at least 2 embeddings of shape \(3,\)"):
+        model.fit_embedding_statistics("text", torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"at least 2 embeddings of shape \(3,\)"):
+        model.fit_embedding_statistics("text", torch.randn(10, 2, 3))
+    with pytest.raises(ValueError, match="does not standardise visual"):
+        model.fit_embedding_statistics("visual", torch.randn(10, 3))
+    model.fit_embedding_statistics("text", torch.randn(10, 3))
+    assert model.embedding_statistics_fitted
+    # padding utterances (standardised to -mean / std) still reach no context layer: alone = padded in a batch
+    alone = model(speech_embeds=speech[:2].unsqueeze(0), text_embeds=torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(0)))
+    padded_speech = torch.cat([speech[:2], torch.zeros(1, 2, 4)]).unsqueeze(0)
+    padded_text = torch.cat([torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 3)]).unsqueeze(0)
+    batched = model(speech_embeds=torch.cat([padded_speech, speech[2:5].unsqueeze(0)]),
+                    text_embeds=torch.cat([padded_text, torch.randn(1, 3, 3)]),
+                    utterance_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    torch.testing.assert_close(batched.logits[0, :2], alone.logits[0], atol=1e-5, rtol=1e-4)

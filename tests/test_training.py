@@ -14,11 +14,12 @@ import pytest
 import soundfile
 import torch
 from helpers import REPO_ROOT, common_args, run_erc
-from transformers import AutoModel
+from transformers import AutoModel, TrainingArguments
 
 from mister_e_hf import MisterEModel, MisterEProcessor
-from mister_e_hf.cache import add_cached_embeddings, extraction_settings
+from mister_e_hf.cache import add_cached_embeddings, extraction_settings, fit_embedding_statistics
 from mister_e_hf.data import DataCollatorForConversations, load_corpus
+from mister_e_hf.trainer import MisterETrainer
 
 
 def test_collator_pads_labels_and_embeddings(tokenizer):
@@ -167,3 +168,50 @@ def test_backbone_finetuning_changes_the_backbone_and_leaves_a_plain_model(tiny_
     model.save_pretrained(tmp_path / "saved")
     reloaded = MisterEModel.from_pretrained(tmp_path / "saved").state_dict()
     assert all(torch.equal(reloaded[k], after[k]) for k in after)
+
+
+def test_standardized_embeddings_are_fitted_on_the_training_cache_and_saved(tiny_backbones, corpus, tmp_path):
+    speech, text = tiny_backbones
+    model = MisterEModel.from_backbones(str(speech), str(text), freeze_speech_backbone=True,
+                                        freeze_text_backbone=True, num_labels=3, projection_dim=16,
+                                        cross_attention_heads=2, speech_layers="weighted",
+                                        standardize_embeddings=True)
+    processor = MisterEProcessor.from_backbones(str(speech), str(text))
+    datasets, _ = load_corpus("manifest", data_dir=corpus)
+    datasets, _ = add_cached_embeddings(model, processor, datasets, tmp_path / "cache", batch_size=4)
+    collator = DataCollatorForConversations()
+    batch = collator([datasets["test"][i] for i in range(2)])
+    with pytest.raises(ValueError, match="speech statistics were never fitted"):
+        model(**batch)
+    with pytest.raises(ValueError, match="no `speech_embeds` column"):
+        fit_embedding_statistics(model, datasets["train"].remove_columns(["speech_embeds"]))
+
+    # MisterETrainer fits the statistics on the training set's embeddings before it trains
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    MisterETrainer(model=model, args=args, train_dataset=datasets["train"], data_collator=collator).train()
+    assert model.embedding_statistics_fitted
+    for modality in ("speech", "text"):  # reference: every turn of every training conversation, numpy
+        turns = np.array([t for conversation in datasets["train"][f"{modality}_embeds"] for t in conversation])
+        standardizer = model.standardizers[modality]
+        assert int(standardizer.num_fitted) == len(turns) == sum(datasets["train"]["num_turns"])
+        np.testing.assert_allclose(standardizer.mean.numpy(), turns.mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(standardizer.std.numpy(), turns.std(0), rtol=1e-4, atol=1e-5)
+        standardized = standardizer(torch.from_numpy(turns)).numpy()
+        np.testing.assert_allclose(standardized.mean(0), 0.0, atol=1e-4)
+    # per layer and feature where the layers are combined, per feature otherwise
+    assert model.standardizers["speech"].mean.shape == (3, 32) and model.standardizers["text"].mean.shape == (32,)
+
+    # raw audio + text and cached embeddings give the same outputs; the statistics travel with the checkpoint
+    model.eval()
+    row = datasets["test"][0]
+    conversation = [{"text": t, "audio": a} for t, a in zip(row["texts"], row["audio"])]
+    with torch.no_grad():
+        from_cache = model(**collator([row])).logits
+        from_raw = model(**processor(conversations=[conversation])).logits
+    torch.testing.assert_close(from_raw, from_cache, atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModel.from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(loaded.standardizers["speech"].std, model.standardizers["speech"].std)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**processor(conversations=[conversation])).logits, from_raw)

@@ -246,5 +246,31 @@ def add_cached_embeddings(
     return DatasetDict(out), stats
 
 
+def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
+    """Fits the model's embedding standardisation (`config.standardize_embeddings`) on the cached embeddings of
+    `dataset` (the training split, as `add_cached_embeddings` returns it): every utterance (and text view) that has
+    the modality counts, labelled or not. Returns how many embeddings each modality was fitted on."""
+    counts = {}
+    for modality, standardizer in model.standardizers.items():
+        column, present_column = f"{modality}_embeds", f"{modality}_present"
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"`standardize_embeddings` fits on the training set's cached embeddings, but it has no `{column}` "
+                "column: train with frozen backbones on `add_cached_embeddings`'s output, or call "
+                "`model.fit_embedding_statistics` with embeddings of your own.")
+        view_column = f"{modality}_view_present" if f"{modality}_view_present" in dataset.column_names else None
+        shape = tuple(standardizer.mean.shape)
+        rows = []
+        for row in dataset.with_format("numpy", columns=[column, present_column, *([view_column] if view_column else [])]):
+            embeds = np.asarray(row[column], dtype=np.float32)[np.asarray(row[present_column], dtype=bool)]
+            if view_column:  # (turns, views, ...) -> the views that exist
+                embeds = embeds[np.asarray(row[view_column], dtype=bool)[np.asarray(row[present_column], dtype=bool)]]
+            rows.append(embeds.reshape(-1, *shape))
+        embeds = torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, *shape)
+        model.fit_embedding_statistics(modality, embeds)
+        counts[modality] = len(embeds)
+    return counts
+
+
 __all__ = ["EmbeddingCache", "CacheStats", "add_cached_embeddings", "cached_embeddings", "extract_embeddings",
-           "extraction_settings", "utterance_key", "weights_digest"]
+           "extraction_settings", "fit_embedding_statistics", "utterance_key", "weights_digest"]

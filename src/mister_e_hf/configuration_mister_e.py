@@ -88,6 +88,11 @@ class MisterEConfig(PreTrainedConfig):
     """Text views of each utterance, fused by an intra-modal gate (MSF-SER's multi-granularity text): `text` (the
     transcript) first, then e.g. `emphasis` (the emphasised words) or `description` (an extended description); each
     is read from the utterance key (and dataset column) of that name, and a missing view is masked."""
+    standardize_embeddings: bool = False
+    """Standardise every feature of each pooled embedding (per layer, before the layers are combined) with the mean
+    and standard deviation of the training set's embeddings, as a StandardScaler before a linear probe does. The
+    statistics are buffers of the model, fitted once by `MisterEModel.fit_embedding_statistics` (`MisterETrainer`
+    does it from the training set's cached embeddings) and saved with it."""
     backbone_chunk_size: int | None = None
     """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
 

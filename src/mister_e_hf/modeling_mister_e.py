@@ -63,6 +63,41 @@ class UtteranceProjection(nn.Module):
         return self.dropout(self.linear(self.norm(embeds)))
 
 
+class EmbeddingStandardizer(nn.Module):
+    """Per-feature standardisation of pooled embeddings `(..., *shape)` with `shape` = `([layers,] dim)`:
+    `(x - mean) / std`, with the mean and standard deviation of a training set's embeddings.
+
+    The statistics are buffers (saved with the model), identity until `fit` sets them; `num_fitted` counts the
+    embeddings they were fitted on (0: never fitted). Features that never vary keep a scale of 1.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+        self.register_buffer("num_fitted", torch.zeros((), dtype=torch.long))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.num_fitted > 0)
+
+    @torch.no_grad()
+    def fit(self, embeds: torch.Tensor) -> None:
+        """Sets the statistics from `(N, *shape)` embeddings (N >= 2)."""
+        shape = tuple(self.mean.shape)
+        if tuple(embeds.shape[1:]) != shape or len(embeds) < 2:
+            raise ValueError(f"Fitting embedding statistics needs at least 2 embeddings of shape {shape}, got a tensor "
+                             f"of shape {tuple(embeds.shape)}.")
+        embeds = embeds.to(torch.float64)
+        std = embeds.std(0, unbiased=False)
+        self.mean.copy_(embeds.mean(0))
+        self.std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+        self.num_fitted.fill_(len(embeds))
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return (embeds - self.mean.to(embeds.dtype)) / self.std.to(embeds.dtype)
+
+
 class TextViewGate(nn.Module):
     """The intra-modal gate of multi-granularity text (MSF-SER): per utterance, softmax weights over its text views
     (transcript, emphasised words, description, ...) from each view's embedding; missing views get weight 0.
@@ -221,6 +256,10 @@ class MisterEModel(MisterEPreTrainedModel):
             {m: LAYER_COMBINERS[getattr(config, f"{m}_layers")](config.embed_layers(m))
              for m in config.modalities if config.embed_layers(m)}
         )
+        self.standardizers = nn.ModuleDict(
+            {m: EmbeddingStandardizer(self._embedding_shape(m)) for m in config.modalities}
+            if config.standardize_embeddings else {}
+        )
         self.projections = nn.ModuleDict(
             {m: UtteranceProjection(self._combined_dim(m), config.projection_dim, config.dropout)
              for m in config.modalities}
@@ -236,6 +275,24 @@ class MisterEModel(MisterEPreTrainedModel):
             config, self.head.num_outputs, {m: self.contexts[m].output_size for m in config.modalities}
         )
         self.post_init()
+
+    def _embedding_shape(self, modality: str) -> tuple[int, ...]:
+        """Shape of one pooled embedding of a modality: `(layers, dim)` when its layers are combined, else `(dim,)`."""
+        layers = self.config.embed_layers(modality)
+        return (*([layers] if layers else []), self.config.embed_dim(modality))
+
+    def fit_embedding_statistics(self, modality: str, embeds: torch.Tensor) -> None:
+        """Fits the standardisation (`config.standardize_embeddings`) of `modality` on its pooled training embeddings
+        `(N, [layers,] dim)`, one row per utterance (as `embed_utterances` or an embedding cache gives them)."""
+        if modality not in self.standardizers:
+            raise ValueError(f"This model does not standardise {modality} embeddings (`standardize_embeddings` is "
+                             f"off, or it has no {modality} modality).")
+        self.standardizers[modality].fit(embeds)
+
+    @property
+    def embedding_statistics_fitted(self) -> bool:
+        """Whether every standardised modality has fitted statistics (True when nothing is standardised)."""
+        return all(standardizer.fitted for standardizer in self.standardizers.values())
 
     def _combined_dim(self, modality: str) -> int:
         """Size of a modality's utterance embedding once its layers (if several) are combined."""
@@ -459,6 +516,12 @@ class MisterEModel(MisterEPreTrainedModel):
             if embeds is None:
                 embeds = self._zeros(utterance_mask, self._combined_dim(modality))
             else:
+                if modality in self.standardizers:
+                    if not self.standardizers[modality].fitted:
+                        raise ValueError(
+                            f"`standardize_embeddings` is on but the {modality} statistics were never fitted: call "
+                            "`model.fit_embedding_statistics` on training embeddings (MisterETrainer does it).")
+                    embeds = self.standardizers[modality](embeds)  # padding is masked after the projection
                 if modality in self.layer_combiners:
                     embeds = self.layer_combiners[modality](embeds)
                 if modality == "text" and self.text_views is not None:

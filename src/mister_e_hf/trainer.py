@@ -7,9 +7,13 @@ import numpy as np
 import torch
 from transformers import EvalPrediction, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
 
+from .cache import fit_embedding_statistics
 from .outputs import MisterEOutput
 
+
+logger = logging.get_logger(__name__)
 
 LOSS_COMPONENTS = ("mixture_loss", "expert_loss", "supcon_loss", "kl_loss", "distillation_loss")
 
@@ -27,6 +31,14 @@ class MisterETrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._components = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, after fitting the model's embedding standardisation (`config.standardize_embeddings`) on
+        the training set's cached embeddings if it was never fitted (a resumed run then loads the same values)."""
+        if getattr(self.model, "standardizers", None) and not self.model.embedding_statistics_fitted:
+            counts = fit_embedding_statistics(self.model, self.train_dataset)
+            logger.info(f"Embedding standardisation fitted on the training set: {counts}")
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's own total loss. The model averages over labelled utterances itself, so `num_items_in_batch`
