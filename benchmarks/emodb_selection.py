@@ -1,0 +1,136 @@
+"""Nested, speaker-independent choice between EmoDB recipes: an accuracy for the choice that never sees the test
+speakers.
+
+    python benchmarks/emodb_selection.py                # CANDIDATES below, seed 42, 5 outer x 4 inner folds
+    python benchmarks/emodb_selection.py --quick        # one outer fold, 2 epochs: checks the script runs
+
+EmoDB has no speakers to spare for a validation set, so comparing recipes on the 5 test folds (as `accuracy.py
+--recipe` does) picks the one that happens to suit those speakers. Here, for each outer fold (test: one speaker
+pair), every candidate recipe is scored by inner cross-validation over the 4 training pairs (train on 3, test on
+the 4th); the candidate with the best inner mean is the one chosen for that fold, and its accuracy on the outer
+test pair is what counts. Each candidate's outer accuracy is reported too, for comparison.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets.utils.logging import disable_progress_bar
+from transformers.utils import logging
+
+from mister_e_hf import MisterEModel, MisterEProcessor
+from mister_e_hf.cache import add_cached_embeddings
+from mister_e_hf.data import load_corpus
+from mister_e_hf.data.emodb import speaker_folds
+
+from accuracy import RECIPES, train_and_test
+from common import REPO_ROOT, add_asset_args, emodb_dir, main_guard, minilm_path, whisper_path
+
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+CANDIDATES = {  # config changes on top of the backbones; training is RECIPES["emodb"]["training"] for all
+    "weighted layers": {"speech_layers": "weighted", "text_layers": "weighted", "standardize_embeddings": False},
+    "standardised, concatenated layers, no contrastive loss": {
+        "speech_layers": "concat", "text_layers": "concat", "standardize_embeddings": True, "supcon_weight": 0.0},
+}
+
+
+def speaker_of(dataset) -> list[str]:
+    return [speakers[0] for speakers in dataset["speaker"]]
+
+
+def inner_splits(train, num_folds: int):
+    """(train, test) datasets of the inner folds: the training speakers, sorted, in `num_folds` groups."""
+    speakers = speaker_of(train)
+    for group in speaker_folds(speakers, num_folds):
+        held_out = [i for i, s in enumerate(speakers) if s in group]
+        kept = [i for i, s in enumerate(speakers) if s not in group]
+        yield group, {"train": train.select(kept), "test": train.select(held_out)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_asset_args(parser, "whisper", "minilm", "emodb")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--cache_dir", default=None, help="embedding cache (default: the package default)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--candidates", type=json.loads, default=CANDIDATES, metavar="JSON",
+                        help="{name: {config changes}} to choose between (default: CANDIDATES)")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only rewrite the markdown from an earlier run's JSON (no training)")
+    args = parser.parse_args()
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(render(saved["meta"], saved["folds"]))
+        print(args.render.with_suffix(".md").read_text())
+        return
+    candidates = args.candidates
+    logging.set_verbosity_error()
+    disable_progress_bar()
+    training = {**RECIPES["emodb"]["training"], **({"num_train_epochs": 2} if args.quick else {})}
+    whisper, minilm = str(whisper_path(args)), str(minilm_path(args))
+    start = time.perf_counter()
+    base = processor = None
+    folds = []
+    for fold in [0] if args.quick else range(5):
+        datasets, _ = load_corpus("emodb", data_dir=emodb_dir(args), fold=fold, validation=False)
+        if base is None:
+            labels = datasets["train"].features["labels"].feature.names
+            base = MisterEModel.from_backbones(whisper, minilm, freeze_speech_backbone=True, freeze_text_backbone=True,
+                                               id2label=dict(enumerate(labels)), **RECIPES["emodb"]["config"])
+            processor = MisterEProcessor.from_backbones(whisper, minilm)
+        datasets, _ = add_cached_embeddings(base, processor, datasets, args.cache_dir)
+        record = {"fold": fold, "test_speakers": sorted(set(speaker_of(datasets["test"]))), "inner": {}, "outer": {}}
+        for name, overrides in candidates.items():
+            scores = []
+            for group, splits in inner_splits(datasets["train"], 2 if args.quick else 4):
+                with tempfile.TemporaryDirectory() as workdir:
+                    scores.append(train_and_test(base, overrides, ["speech", "text"], splits, training, args.seed,
+                                                 False, workdir)["accuracy"])
+                print(f"fold {fold} | {name} | inner test speakers {group} | {scores[-1]:.4f}", flush=True)
+            record["inner"][name] = scores
+            with tempfile.TemporaryDirectory() as workdir:
+                record["outer"][name] = train_and_test(base, overrides, ["speech", "text"], datasets, training,
+                                                       args.seed, False, workdir)["accuracy"]
+            print(f"fold {fold} | {name} | outer {record['outer'][name]:.4f}", flush=True)
+        record["chosen"] = max(candidates, key=lambda name: statistics.mean(record["inner"][name]))
+        record["chosen_accuracy"] = record["outer"][record["chosen"]]
+        folds.append(record)
+
+    meta = {"seed": args.seed, "quick": args.quick, "seconds": round(time.perf_counter() - start, 1),
+            "candidates": candidates, "training": training, "torch": torch.__version__,
+            "python": sys.version.split()[0]}
+    path = RESULTS / f"emodb_selection{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps({"meta": meta, "folds": folds}, indent=1) + "\n")
+    markdown = render(meta, folds)
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
+def render(meta: dict, folds: list[dict]) -> str:
+    """The markdown table of a run: per outer fold, each candidate's inner mean and outer accuracy, and the choice."""
+    candidates = list(meta["candidates"])
+    lines = ["# EmoDB: nested speaker-independent choice between recipes", "",
+             f"Seed {meta['seed']}; each outer fold's candidates scored by inner cross-validation over its training "
+             "speaker pairs; accuracy on the outer test pair.", "",
+             "| outer fold (test speakers) | " + " | ".join(f"{n}: inner mean / outer" for n in candidates)
+             + " | chosen |", "|---|" + "---|" * (len(candidates) + 1)]
+    for r in folds:
+        cells = [f"{100 * statistics.mean(r['inner'][n]):.1f} / {100 * r['outer'][n]:.1f}" for n in candidates]
+        lines.append(f"| {r['fold']} ({', '.join(r['test_speakers'])}) | " + " | ".join(cells) + f" | {r['chosen']} |")
+    lines += ["", f"- nested accuracy (the candidate chosen per fold, on its outer pair): "
+                  f"**{100 * statistics.mean(r['chosen_accuracy'] for r in folds):.1f}**"]
+    for name in candidates:
+        inner = [score for r in folds for score in r["inner"][name]]
+        lines.append(f"- {name}: outer {100 * statistics.mean(r['outer'][name] for r in folds):.1f}; inner "
+                     f"{100 * statistics.mean(inner):.1f} over all {len(inner)} inner folds")
+    return "\n".join(lines) + "\n"
+
+if __name__ == "__main__":
+    main_guard(main)
