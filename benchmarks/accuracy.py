@@ -7,7 +7,7 @@
 
 MELD: official splits, model picked on dev each run, test weighted F1. EmoDB: 5 speaker-independent folds (speaker
 pairs), trained on the 8 other speakers for a fixed number of epochs, mean test accuracy over folds. Both use the
-recipes of README (layer-weighted backbone embeddings, cached once). Rows:
+table's recipes (`RECIPES`: layer-weighted backbone embeddings, cached once; README's MELD command). Rows:
 
 - logistic regression on the utterance embeddings alone (no context, no gate): last layer, and all layers concatenated;
 - single-modality MiSTER-E (text only, speech only): one expert, no gate;
@@ -52,7 +52,7 @@ VARIANTS = {
     "guided gated fusion (Zhao et al.)": {"fusion": "guided-gated"},
     "FiLM mixture of experts (MSF-SER)": {"fusion": "film-moe"},
 }
-RECIPES = {  # what README's commands use
+RECIPES = {  # the committed table's (README's EmoDB command standardises instead: see README)
     "meld": {"config": {"text_layers": "weighted", "dropout": 0.4},
              "training": {"learning_rate": 3e-4, "num_train_epochs": 20}},
     "emodb": {"config": {"speech_layers": "weighted", "text_layers": "weighted"},
@@ -205,7 +205,7 @@ NOTES = """Notes:
 - EmoDB conversations are single utterances: the context layer sees no neighbours there and acts as a per-utterance
   transform. Its gate column is the mean test gate weight per expert (speech / text / cross-modal); the plug-in
   fusions have no such gate.
-- Layer-weighted embeddings, learning rates and epochs are README's recipes (see `meta.recipes` in the JSON);
+- Layer-weighted embeddings, learning rates and epochs: `RECIPES` in accuracy.py (`meta.recipes` in the JSON);
   MELD picks the best epoch on dev, EmoDB trains a fixed 20 epochs (no validation speakers to spare).
 """
 
@@ -233,7 +233,7 @@ def render(results: dict, seeds: list[int], recipe_changes: dict | None = None) 
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     header = f"# Accuracy on real data\n\nMean ± std over seeds {seeds} (EmoDB: each seed's mean over the folds).\n\n"
     if recipe_changes:
-        header += f"**Recipe changed from README's** (`--recipe`): `{json.dumps(recipe_changes)}`.\n\n"
+        header += f"**Recipe changed from the table's** (`--recipe`): `{json.dumps(recipe_changes)}`.\n\n"
     return header + "\n".join(lines) + "\n\n" + NOTES
 
 
