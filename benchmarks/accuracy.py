@@ -137,21 +137,27 @@ def meld(args, seeds):
     return rows
 
 
-def emodb(args, seeds):
-    recipe = RECIPES["emodb"]
-    folds = [0] if args.quick else range(5)
-    base = processor = None
+def emodb_folds(args, folds):
+    """`(fold, base model, datasets with cached embeddings)` per EmoDB fold (no validation split); the base model
+    (frozen Whisper tiny.en + MiniLM, `RECIPES["emodb"]["config"]`) is built once."""
     whisper, minilm = str(whisper_path(args)), str(minilm_path(args))
-    rows: dict[str, list] = {}
+    base = processor = None
     for fold in folds:
         datasets, _ = load_corpus("emodb", data_dir=emodb_dir(args), fold=fold, validation=False)
         if base is None:
             labels = datasets["train"].features["labels"].feature.names
             base = MisterEModel.from_backbones(
                 whisper, minilm, freeze_speech_backbone=True,
-                freeze_text_backbone=True, id2label=dict(enumerate(labels)), **recipe["config"])
+                freeze_text_backbone=True, id2label=dict(enumerate(labels)), **RECIPES["emodb"]["config"])
             processor = MisterEProcessor.from_backbones(whisper, minilm)
         datasets, _ = add_cached_embeddings(base, processor, datasets, args.cache_dir)
+        yield fold, base, datasets
+
+
+def emodb(args, seeds):
+    recipe = RECIPES["emodb"]
+    rows: dict[str, list] = {}
+    for fold, base, datasets in emodb_folds(args, [0] if args.quick else range(5)):
         for name, modalities in (("logistic regression, speech, all layers", ["speech"]),
                                  ("logistic regression, text, all layers", ["text"]),
                                  ("logistic regression, speech + text, all layers", ["speech", "text"])):

@@ -23,13 +23,10 @@ import torch
 from datasets.utils.logging import disable_progress_bar
 from transformers.utils import logging
 
-from mister_e_hf import MisterEModel, MisterEProcessor
-from mister_e_hf.cache import add_cached_embeddings
-from mister_e_hf.data import load_corpus
 from mister_e_hf.data.emodb import speaker_folds
 
-from accuracy import RECIPES, train_and_test
-from common import REPO_ROOT, add_asset_args, emodb_dir, main_guard, minilm_path, whisper_path
+from accuracy import RECIPES, emodb_folds, train_and_test
+from common import REPO_ROOT, add_asset_args, main_guard
 
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -74,18 +71,9 @@ def main():
     logging.set_verbosity_error()
     disable_progress_bar()
     training = {**RECIPES["emodb"]["training"], **({"num_train_epochs": 2} if args.quick else {})}
-    whisper, minilm = str(whisper_path(args)), str(minilm_path(args))
     start = time.perf_counter()
-    base = processor = None
     folds = []
-    for fold in [0] if args.quick else range(5):
-        datasets, _ = load_corpus("emodb", data_dir=emodb_dir(args), fold=fold, validation=False)
-        if base is None:
-            labels = datasets["train"].features["labels"].feature.names
-            base = MisterEModel.from_backbones(whisper, minilm, freeze_speech_backbone=True, freeze_text_backbone=True,
-                                               id2label=dict(enumerate(labels)), **RECIPES["emodb"]["config"])
-            processor = MisterEProcessor.from_backbones(whisper, minilm)
-        datasets, _ = add_cached_embeddings(base, processor, datasets, args.cache_dir)
+    for fold, base, datasets in emodb_folds(args, [0] if args.quick else range(5)):
         record = {"fold": fold, "test_speakers": sorted(set(speaker_of(datasets["test"]))), "inner": {}, "outer": {}}
         for name, overrides in candidates.items():
             scores = []

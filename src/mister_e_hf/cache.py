@@ -200,8 +200,7 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
     total = sum(len(view) for view in views)
     stats.cached_utterances += total - len(missing)
 
-    layers = model.config.embed_layers(modality)
-    shape = (*([layers] if layers else []), model.config.embed_dim(modality))  # of one utterance's embedding
+    shape = model.config.embedding_shape(modality)
     per_view = []
     for view, view_keys in zip(views, keys):
         found = table.select([index[k] for k in view_keys]).with_format("numpy")[:]["embedding"] if view_keys else []
@@ -262,9 +261,10 @@ def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
         shape = tuple(standardizer.mean.shape)
         rows = []
         for row in dataset.with_format("numpy", columns=[column, present_column, *([view_column] if view_column else [])]):
-            embeds = np.asarray(row[column], dtype=np.float32)[np.asarray(row[present_column], dtype=bool)]
+            present = np.asarray(row[present_column], dtype=bool)
+            embeds = np.asarray(row[column], dtype=np.float32)[present]
             if view_column:  # (turns, views, ...) -> the views that exist
-                embeds = embeds[np.asarray(row[view_column], dtype=bool)[np.asarray(row[present_column], dtype=bool)]]
+                embeds = embeds[np.asarray(row[view_column], dtype=bool)[present]]
             rows.append(embeds.reshape(-1, *shape))
         embeds = torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, *shape)
         model.fit_embedding_statistics(modality, embeds)

@@ -192,6 +192,11 @@ class MisterEConfig(PreTrainedConfig):
             return source.num_hidden_layers + 1  # the embedding output, then every layer
         return getattr(self, f"{modality}_embed_layers")
 
+    def embedding_shape(self, modality: str) -> tuple[int, ...]:
+        """Shape of one utterance's pooled embedding: `(layers, dim)` when its layers are combined, else `(dim,)`."""
+        layers = self.embed_layers(modality)
+        return (*([layers] if layers else []), self.embed_dim(modality))
+
     def validate_mister_e(self):
         """Checked at construction: names exist in their registries and sizes are consistent."""
         from .fusion_mister_e import GATES

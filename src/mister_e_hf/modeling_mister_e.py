@@ -257,7 +257,7 @@ class MisterEModel(MisterEPreTrainedModel):
              for m in config.modalities if config.embed_layers(m)}
         )
         self.standardizers = nn.ModuleDict(
-            {m: EmbeddingStandardizer(self._embedding_shape(m)) for m in config.modalities}
+            {m: EmbeddingStandardizer(config.embedding_shape(m)) for m in config.modalities}
             if config.standardize_embeddings else {}
         )
         self.projections = nn.ModuleDict(
@@ -275,11 +275,6 @@ class MisterEModel(MisterEPreTrainedModel):
             config, self.head.num_outputs, {m: self.contexts[m].output_size for m in config.modalities}
         )
         self.post_init()
-
-    def _embedding_shape(self, modality: str) -> tuple[int, ...]:
-        """Shape of one pooled embedding of a modality: `(layers, dim)` when its layers are combined, else `(dim,)`."""
-        layers = self.config.embed_layers(modality)
-        return (*([layers] if layers else []), self.config.embed_dim(modality))
 
     def fit_embedding_statistics(self, modality: str, embeds: torch.Tensor) -> None:
         """Fits the standardisation (`config.standardize_embeddings`) of `modality` on its pooled training embeddings
@@ -396,8 +391,7 @@ class MisterEModel(MisterEPreTrainedModel):
         if embeds is not None:
             layers = self.config.embed_layers(modality)
             views = len(self.config.text_views) if modality == "text" and self.text_views is not None else None
-            expected = (*utterance_mask.shape, *([views] if views else []), *([layers] if layers else []),
-                        self.config.embed_dim(modality))
+            expected = (*utterance_mask.shape, *([views] if views else []), *self.config.embedding_shape(modality))
             if tuple(embeds.shape) != expected:
                 names = ("views, " if views else "") + ("layers, " if layers else "")
                 raise ValueError(
