@@ -63,6 +63,20 @@ def test_cache_is_reused_and_keyed_on_weights_and_data(tiny_backbones, corpus, t
     _, stats = add_cached_embeddings(elsewhere, MisterEProcessor.from_backbones(str(moved), str(text)),
                                      {"test": datasets["test"]}, tmp_path)
     assert stats.utterances_embedded == 0
+    # the audio is keyed on its bytes: a copy of the corpus elsewhere (new paths and modification times) hits the
+    # cache; a file whose bytes changed, and only that one, is extracted again
+    copied = tmp_path / "copied-corpus"
+    shutil.copytree(corpus, copied)
+    for wav in (copied / "wav").iterdir():
+        os.utime(wav, ns=(1, 1))
+    copy, _ = load_corpus("manifest", data_dir=copied)
+    _, stats = add_cached_embeddings(model, processor, copy, tmp_path)
+    assert stats.utterances_embedded == 0 and stats.cached_utterances == 2 * utterances
+    changed = copied / copy["test"][0]["audio"][0]
+    audio, rate = soundfile.read(changed, dtype="float32")
+    soundfile.write(changed, audio[::-1].copy(), rate)
+    _, stats = add_cached_embeddings(model, processor, {"test": copy["test"]}, tmp_path)
+    assert stats.utterances_embedded == 1
 
     # the cached embeddings are exactly what the model computes from raw inputs
     row = first["test"][0]

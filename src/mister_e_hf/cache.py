@@ -3,9 +3,10 @@
 The cache is a folder of *entries*, one per modality and extraction setting: the backbone (its name and a digest
 of its weights, so a fine-tuned or other revision never hits a stale entry), the pooling, the layers kept and the
 processor settings. An entry is a `datasets` Arrow dataset, in shards, of `(key, embedding)` rows where `key` is a
-digest of the utterance's content: its text, or its audio file's path, size and modification time. Splits, folds
-and runs share utterances: only utterances not yet in the entry are extracted (then appended as a new shard), so
-a second run with the same backbones and data extracts nothing.
+digest of the utterance's content: its text, or the bytes of its audio (or image) file. Splits, folds and runs share
+utterances: only utterances not yet in the entry are extracted (then appended as a new shard), so a second run with
+the same backbones and data extracts nothing, even when the corpus was copied, moved or restored since (new paths
+and modification times, same bytes); a file whose bytes changed is extracted again.
 """
 
 import hashlib
@@ -46,12 +47,21 @@ SOURCES = {"speech": ("audio", "audio"), "text": ("texts", "text"), "visual": ("
 """Per modality: the dataset column (one value per turn) and the utterance key its embeddings are computed from."""
 
 
+def file_digest(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Digest of a file's bytes (read in `chunk_size` pieces): the same recording anywhere has the same digest."""
+    hasher = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 def utterance_key(modality: str, value: str) -> str:
-    """Content key of one utterance for one modality: its text, or its audio or image file's path, size and mtime."""
+    """Content key of one utterance for one modality: its text, or the bytes of its audio or image file (not its
+    path or modification time, so copies and restored corpora hit the cache)."""
     if modality == "text":
         return _digest(["text", value])
-    stat = os.stat(value)
-    return _digest([modality, os.path.abspath(value), stat.st_size, stat.st_mtime_ns])
+    return _digest([modality, file_digest(value)])
 
 
 def _processor_settings(processor, modality: str) -> dict:
@@ -273,4 +283,4 @@ def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
 
 
 __all__ = ["EmbeddingCache", "CacheStats", "add_cached_embeddings", "cached_embeddings", "extract_embeddings",
-           "extraction_settings", "fit_embedding_statistics", "utterance_key", "weights_digest"]
+           "extraction_settings", "file_digest", "fit_embedding_statistics", "utterance_key", "weights_digest"]
