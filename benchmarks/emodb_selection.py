@@ -3,12 +3,17 @@ speakers.
 
     python benchmarks/emodb_selection.py                # CANDIDATES below, seed 42, 5 outer x 4 inner folds
     python benchmarks/emodb_selection.py --quick        # one outer fold, 2 epochs: checks the script runs
+    python benchmarks/emodb_selection.py --tag p128 --candidates '{"projection 128": {...}}'   # one more candidate
+    python benchmarks/emodb_selection.py --render results/emodb_selection-a.json results/emodb_selection-b.json
+                                                        # the choice between all their candidates (no training)
 
 EmoDB has no speakers to spare for a validation set, so comparing recipes on the 5 test folds (as `accuracy.py
 --recipe` does) picks the one that happens to suit those speakers. Here, for each outer fold (test: one speaker
 pair), every candidate recipe is scored by inner cross-validation over the 4 training pairs (train on 3, test on
 the 4th); the candidate with the best inner mean is the one chosen for that fold, and its accuracy on the outer
-test pair is what counts. Each candidate's outer accuracy is reported too, for comparison.
+test pair is what counts. Each candidate's outer accuracy is reported too, for comparison. A candidate's scores do
+not depend on the others, so candidates can be run separately (`--tag`, in parallel or on other machines) and
+chosen between afterwards (`--render` with all their JSON files, which must share the seed, folds and training).
 """
 
 import argparse
@@ -59,13 +64,21 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--candidates", type=json.loads, default=CANDIDATES, metavar="JSON",
                         help="{name: {config changes}} to choose between (default: CANDIDATES)")
-    parser.add_argument("--render", type=Path, default=None,
-                        help="only rewrite the markdown from an earlier run's JSON (no training)")
+    parser.add_argument("--tag", default=None, help="write emodb_selection-TAG.json/.md")
+    parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="no training: rewrite the markdown of an earlier run's JSON, or, given several, choose "
+                             "between all their candidates and write emodb_selection[-TAG].json/.md")
     args = parser.parse_args()
     if args.render is not None:
-        saved = json.loads(args.render.read_text())
-        args.render.with_suffix(".md").write_text(render(saved["meta"], saved["folds"]))
-        print(args.render.with_suffix(".md").read_text())
+        saved = [json.loads(path.read_text()) for path in args.render]
+        if len(saved) == 1:
+            path = args.render[0]
+        else:
+            saved = [merge(saved, args.render, parser)]
+            path = output_path(args.tag, saved[0]["meta"]["quick"])
+            path.write_text(json.dumps(saved[0], indent=1) + "\n")
+        path.with_suffix(".md").write_text(render(saved[0]["meta"], saved[0]["folds"]))
+        print(path.with_suffix(".md").read_text())
         return
     candidates = args.candidates
     logging.set_verbosity_error()
@@ -87,18 +100,52 @@ def main():
                 record["outer"][name] = train_and_test(base, overrides, ["speech", "text"], datasets, training,
                                                        args.seed, False, workdir)["accuracy"]
             print(f"fold {fold} | {name} | outer {record['outer'][name]:.4f}", flush=True)
-        record["chosen"] = max(candidates, key=lambda name: statistics.mean(record["inner"][name]))
-        record["chosen_accuracy"] = record["outer"][record["chosen"]]
-        folds.append(record)
+        folds.append(choose(record))
 
     meta = {"seed": args.seed, "quick": args.quick, "seconds": round(time.perf_counter() - start, 1),
             "candidates": candidates, "training": training, "torch": torch.__version__,
             "python": sys.version.split()[0]}
-    path = RESULTS / f"emodb_selection{'-quick' if args.quick else ''}.json"
+    path = output_path(args.tag, args.quick)
     path.write_text(json.dumps({"meta": meta, "folds": folds}, indent=1) + "\n")
     markdown = render(meta, folds)
     path.with_suffix(".md").write_text(markdown)
     print(markdown)
+
+
+def output_path(tag: str | None, quick: bool) -> Path:
+    return RESULTS / f"emodb_selection{f'-{tag}' if tag else ''}{'-quick' if quick else ''}.json"
+
+
+def choose(record: dict) -> dict:
+    """Sets an outer fold's `chosen` candidate (best inner mean) and its outer accuracy."""
+    record["chosen"] = max(record["inner"], key=lambda name: statistics.mean(record["inner"][name]))
+    record["chosen_accuracy"] = record["outer"][record["chosen"]]
+    return record
+
+
+def merge(runs: list[dict], paths: list[Path], parser) -> dict:
+    """One run holding the candidates of several, which must agree on everything but their candidates."""
+    shared = ("seed", "quick", "training")
+    first = runs[0]
+    for run, path in zip(runs[1:], paths[1:]):
+        differs = [key for key in shared if run["meta"][key] != first["meta"][key]]
+        if [(r["fold"], r["test_speakers"]) for r in run["folds"]] != [(r["fold"], r["test_speakers"]) for r in first["folds"]]:
+            differs.append("folds")
+        if differs:
+            parser.error(f"--render: {path} differs from {paths[0]} in {differs}; only runs that share the seed, "
+                         "folds and training can be chosen between.")
+    candidates: dict = {}
+    for run, path in zip(runs, paths):
+        for name, overrides in run["meta"]["candidates"].items():
+            if name in candidates and candidates[name] != overrides:
+                parser.error(f"--render: candidate {name!r} means different recipes in different files ({path}).")
+            candidates[name] = overrides
+    folds = [choose({**records[0], "inner": {n: s for r in records for n, s in r["inner"].items()},
+                     "outer": {n: s for r in records for n, s in r["outer"].items()}})
+             for records in zip(*(run["folds"] for run in runs))]
+    meta = {**{key: first["meta"][key] for key in shared}, "candidates": candidates,
+            "merged_from": [{"file": path.name, **run["meta"]} for run, path in zip(runs, paths)]}
+    return {"meta": meta, "folds": folds}
 
 
 def render(meta: dict, folds: list[dict]) -> str:
@@ -107,6 +154,9 @@ def render(meta: dict, folds: list[dict]) -> str:
     lines = ["# EmoDB: nested speaker-independent choice between recipes", "",
              f"Seed {meta['seed']}; each outer fold's candidates scored by inner cross-validation over its training "
              "speaker pairs; accuracy on the outer test pair.", "",
+             *([f"Candidates run separately and chosen between together: "
+                + "; ".join(f"`{m['file']}` ({', '.join(m['candidates'])}; {m['seconds']:.0f} s)" for m in meta["merged_from"])
+                + ".", ""] if "merged_from" in meta else []),
              "| outer fold (test speakers) | " + " | ".join(f"{n}: inner mean / outer" for n in candidates)
              + " | chosen |", "|---|" + "---|" * (len(candidates) + 1)]
     for r in folds:
@@ -119,6 +169,7 @@ def render(meta: dict, folds: list[dict]) -> str:
         lines.append(f"- {name}: outer {100 * statistics.mean(r['outer'][name] for r in folds):.1f}; inner "
                      f"{100 * statistics.mean(inner):.1f} over all {len(inner)} inner folds")
     return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main_guard(main)
