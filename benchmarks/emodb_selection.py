@@ -137,8 +137,8 @@ def merge(runs: list[dict], paths: list[Path], parser) -> dict:
     candidates: dict = {}
     for run, path in zip(runs, paths):
         for name, overrides in run["meta"]["candidates"].items():
-            if name in candidates and candidates[name] != overrides:
-                parser.error(f"--render: candidate {name!r} means different recipes in different files ({path}).")
+            if name in candidates:
+                parser.error(f"--render: candidate {name!r} is in more than one file ({path}); give each once.")
             candidates[name] = overrides
     folds = [choose({**records[0], "inner": {n: s for r in records for n, s in r["inner"].items()},
                      "outer": {n: s for r in records for n, s in r["outer"].items()}})
