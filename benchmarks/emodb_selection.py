@@ -36,11 +36,16 @@ from common import REPO_ROOT, add_asset_args, main_guard
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
+STANDARDISED = {"speech_layers": "concat", "text_layers": "concat", "standardize_embeddings": True, "supcon_weight": 0.0}
 CANDIDATES = {  # config changes on top of the backbones; training is RECIPES["emodb"]["training"] for all
     "weighted layers": {"speech_layers": "weighted", "text_layers": "weighted", "standardize_embeddings": False},
-    "standardised, concatenated layers, no contrastive loss": {
-        "speech_layers": "concat", "text_layers": "concat", "standardize_embeddings": True, "supcon_weight": 0.0},
+    "standardised, concatenated layers, no contrastive loss": STANDARDISED,
+    "standardised, concatenated layers, no contrastive loss, dropout 0.4": {**STANDARDISED, "dropout": 0.4},
+    "standardised, concatenated layers, no contrastive loss, projection 128": {**STANDARDISED, "projection_dim": 128},
 }
+"""Every recipe tried for EmoDB through this protocol. The committed emodb_selection.json was run as three runs,
+merged by `--render` (each file's meta holds its candidates): the first two candidates (the default of that time),
+then `--tag dropout04` and `--tag projection128` with the third and fourth as `--candidates`."""
 
 
 def speaker_of(dataset) -> list[str]:
