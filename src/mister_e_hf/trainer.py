@@ -35,8 +35,7 @@ class MisterETrainer(Trainer):
     def train(self, *args, **kwargs):
         """`Trainer.train`, after fitting the model's embedding standardisation (`config.standardize_embeddings`) on
         the training set's cached embeddings if it was never fitted (a resumed run then loads the same values)."""
-        standardized = getattr(self.model, "standardizers", None)
-        if standardized and not self.model.embedding_statistics_fitted and self.train_dataset is not None:
+        if not getattr(self.model, "embedding_statistics_fitted", True) and self.train_dataset is not None:
             counts = fit_embedding_statistics(self.model, self.train_dataset)
             logger.info(f"Embedding standardisation fitted on the training set: {counts}")
         return super().train(*args, **kwargs)
