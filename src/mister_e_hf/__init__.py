@@ -8,10 +8,11 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_mister_e import MisterEConfig
+from .errors import CacheError, ConversationInputError, CorpusError, MisterEError, TrainingError
 from .modeling_mister_e import MisterEModel, MisterEPreTrainedModel
 from .outputs import MisterEOutput
 from .pipeline import TASK, ConversationalEmotionRecognitionPipeline
-from .processing_mister_e import ConversationInputError, MisterEProcessor
+from .processing_mister_e import MisterEProcessor
 from .streaming import StreamingEmotionRecognizer
 
 
@@ -32,6 +33,10 @@ __all__ = [
     "MisterEOutput",
     "MisterEProcessor",
     "ConversationInputError",
+    "MisterEError",
+    "CorpusError",
+    "CacheError",
+    "TrainingError",
     "ConversationalEmotionRecognitionPipeline",
     "StreamingEmotionRecognizer",
 ]

@@ -13,6 +13,8 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
+from .errors import ConversationInputError
+
 
 try:  # optional: only needed to read audio files given by path
     import soundfile
@@ -28,17 +30,6 @@ except ImportError:  # pragma: no cover
 logger = logging.get_logger(__name__)
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-
-
-class ConversationInputError(ValueError):
-    """Bad input to the processor. The message names the conversation and utterance (their positions in the batch),
-    which are also kept as `conversation` and `utterance`, and the problem as `detail`."""
-
-    def __init__(self, detail: str, conversation: int | None = None, utterance: int | None = None):
-        self.detail, self.conversation, self.utterance = detail, conversation, utterance
-        where = "" if conversation is None else f"conversation {conversation}" + (
-            f", utterance {utterance}" if utterance is not None else "")
-        super().__init__(f"{where}: {detail}" if where else detail)
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, Features, List, Value
 
+from ..errors import CorpusError
+
 
 UNLABELLED = -1
 """Label id of an utterance kept for context but not scored (e.g. IEMOCAP's `xxx`); the collator turns it into -100."""
@@ -22,8 +24,6 @@ UNLABELLED = -1
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".mp4", ".opus")
 
 
-class CorpusError(ValueError):
-    """A corpus does not look as expected; the message names the file, conversation or label at fault."""
 
 
 @dataclass
