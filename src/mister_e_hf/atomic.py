@@ -70,10 +70,13 @@ def atomic_write_json(path: str | os.PathLike, value, indent: int | None = 2, **
 
 
 @contextmanager
-def atomic_directory_update(directory: str | os.PathLike, last: tuple[str, ...] = ("config.json",)):
+def atomic_directory_update(directory: str | os.PathLike, last: tuple[str, ...] = ("config.json",),
+                            replaces: tuple[str, ...] = ()):
     """Yields a temporary folder beside `directory`; what the block writes there is moved into `directory` file by
     file with `os.replace` once the block succeeds (the names in `last` after the others, so a folder whose config
-    is new has its new weights too). On failure the temporary folder is removed and `directory` is unchanged."""
+    is new has its new weights too). Files of `directory` matching a glob of `replaces` that the new save does not
+    hold are then removed (e.g. the shards of an earlier, differently sharded save). On failure the temporary folder
+    is removed and `directory` is unchanged."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
@@ -86,6 +89,11 @@ def atomic_directory_update(directory: str | os.PathLike, last: tuple[str, ...] 
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(source, mode)
             os.replace(source, target)
+        written = {source.relative_to(staging) for source in files}
+        for pattern in replaces:
+            for stale in directory.glob(pattern):
+                if stale.is_file() and stale.relative_to(directory) not in written:
+                    stale.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
 
+from .atomic import atomic_directory_update
 from .backbones import ENCODERS, INPUT_NAMES, build_backbone, load_backbone, load_backbone_config
 from .backbones import resolve_text_pooling
 from .configuration_mister_e import MODALITIES, MisterEConfig
@@ -42,6 +43,9 @@ LOSS_WEIGHTS = {
 
 CODE_FILES = ("modeling_mister_e.py", "processing_mister_e.py")
 """Files that `save_pretrained` copies (with their relative imports) so a checkpoint loads with remote code."""
+
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+"""Weight files an earlier save may have left that a new save replaces (a checkpoint is one set of weights)."""
 
 AUTO_MAP = {
     "AutoConfig": "configuration_mister_e.MisterEConfig",
@@ -345,16 +349,25 @@ class MisterEModel(MisterEPreTrainedModel):
                 backbone.eval()
         return self
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs):
         """Saves weights (safetensors), config and the code files, with an `auto_map` for AutoConfig, AutoModel and
-        AutoProcessor, so that the folder also loads with `trust_remote_code=True` where this package is absent."""
-        os.makedirs(save_directory, exist_ok=True)
+        AutoProcessor, so that the folder also loads with `trust_remote_code=True` where this package is absent.
+
+        Every file is written under a temporary name and moved into place (the config last), so a save that is
+        killed leaves the folder as it was, never half written. With `push_to_hub=True` the model is then uploaded
+        to `repo_id` (default: the folder's name)."""
+        repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+        hub_options = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "revision", "create_pr")
+                       if k in kwargs}
         here = Path(__file__).parent
-        for name in CODE_FILES:
-            for source in [here / name, *map(Path, get_relative_import_files(here / name))]:
-                shutil.copyfile(source, Path(save_directory) / source.name)
         self.config.auto_map = dict(AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with atomic_directory_update(save_directory, replaces=WEIGHT_FILES) as staging:
+            for name in CODE_FILES:
+                for source in [here / name, *map(Path, get_relative_import_files(here / name))]:
+                    shutil.copyfile(source, staging / source.name)
+            super().save_pretrained(staging, *args, **kwargs)
+        if push_to_hub:
+            self.push_to_hub(repo_id, **hub_options)
 
     # ---------------------------------------------------------------------------------------------------- forward
     def _backbone_context(self, modality: str):

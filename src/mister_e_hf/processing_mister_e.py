@@ -13,6 +13,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
+from .atomic import atomic_directory_update
 from .errors import ConversationInputError
 
 
@@ -181,18 +182,19 @@ class MisterEProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Writes `processor_config.json` (with the feature extractor, image processor and an `auto_map`), the
         tokenizer files, and this file's code, so that `AutoProcessor.from_pretrained(..., trust_remote_code=True)`
-        works anywhere. With `push_to_hub=True` the same files are then uploaded to `repo_id` (default: the folder's
+        works anywhere. Each file is written under a temporary name and moved into place (a kill leaves the folder as
+        it was). With `push_to_hub=True` the same files are then uploaded to `repo_id` (default: the folder's
         name)."""
-        os.makedirs(save_directory, exist_ok=True)
         here = Path(__file__)
-        for source in [here, *map(Path, get_relative_import_files(here))]:
-            shutil.copyfile(source, Path(save_directory) / source.name)
         self.auto_map = {"AutoProcessor": f"{here.stem}.{type(self).__name__}"}
-        if self.tokenizer is not None:
-            self.tokenizer._set_processor_class(type(self).__name__)
-            self.tokenizer.save_pretrained(save_directory)
+        with atomic_directory_update(save_directory, last=(PROCESSOR_NAME,)) as staging:
+            for source in [here, *map(Path, get_relative_import_files(here))]:
+                shutil.copyfile(source, staging / source.name)
+            if self.tokenizer is not None:
+                self.tokenizer._set_processor_class(type(self).__name__)
+                self.tokenizer.save_pretrained(staging)
+            self.to_json_file(os.path.join(staging, PROCESSOR_NAME))
         output_file = os.path.join(save_directory, PROCESSOR_NAME)
-        self.to_json_file(output_file)
         if push_to_hub:
             hub_options = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
             repo_id = kwargs.pop("repo_id", Path(save_directory).name)
