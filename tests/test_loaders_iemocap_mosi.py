@@ -173,14 +173,16 @@ def test_iemocap_missing_transcript(tmp_path):
     row = conversation(data["test"], "Ses01F_impro01")
     assert "Oh, hello." not in row["texts"] and row["num_turns"] == len(DIALOG) - 1
     assert report.skipped["test"]["no transcript"] == 1
-    assert any("gaps in their turn numbers" in note for note in report.notes)
+    # the skipped utterance leaves a gap in the turn numbers: recorded in the report (no longer a note)
+    assert report.turn_gaps["test"]["listed"]["Ses01F_impro01"] == {"missing_turns": [2], "num_missing": 1}
+    assert "gaps in their turn numbers" in report.summary()
 
-    # an unlabelled (xxx) utterance without transcript stays as context with empty text
+    # an unlabelled (xxx) utterance without transcript stays as context without text (None: blank text is absent)
     utterances = [u if u[3] != "xxx" else (*u[:5], None, u[6]) for u in DIALOG]
     write_dialog(root, 1, "Ses01F_impro01", utterances)
     data, report = load_iemocap(root, fold=1)
     row = conversation(data["test"], "Ses01F_impro01")
-    assert row["texts"][4] == "" and row["labels"][4] == UNLABELLED
+    assert row["texts"][4] is None and row["labels"][4] == UNLABELLED
     assert any("1 unlabelled utterances have no transcript" in note for note in report.notes)
 
 

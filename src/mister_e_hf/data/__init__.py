@@ -1,5 +1,7 @@
 """Corpus loaders (one row per conversation, turns in order), registered by name, and the conversation collator."""
 
+import inspect
+
 from .collator import DataCollatorForConversations
 from .common import UNLABELLED, CorpusError, DataReport, build_split
 from .emodb import load_emodb
@@ -19,12 +21,35 @@ LOADERS = {
 """Registry of corpus loaders by the name `run_erc.py --dataset` takes."""
 
 
-def load_corpus(name: str, **kwargs):
-    """`(DatasetDict, DataReport)` of corpus `name`; kwargs go to its loader (`data_dir`, `fold`, `skip_invalid`, ...)."""
+def _loader(name: str):
     if name not in LOADERS:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(LOADERS)}.")
-    return LOADERS[name](**kwargs)
+        raise CorpusError(f"Unknown dataset {name!r}; choose one of {sorted(LOADERS)}.")
+    return LOADERS[name]
 
 
-__all__ = ["LOADERS", "load_corpus", "DataCollatorForConversations", "CorpusError", "DataReport", "UNLABELLED",
-           "build_split"]
+def loader_options(name: str) -> list[str]:
+    """The options (keyword arguments) corpus `name`'s loader takes, in its signature's order."""
+    return list(inspect.signature(_loader(name)).parameters)
+
+
+def load_corpus(name: str, **options):
+    """`(DatasetDict, DataReport)` of corpus `name`; `options` go to its loader (`data_dir`, `fold`, `skip_invalid`,
+    ...: see `loader_options(name)`). An option the loader does not take, or a required one missing (or None), is a
+    `CorpusError` naming it and listing the options that corpus takes."""
+    loader = _loader(name)
+    parameters = inspect.signature(loader).parameters
+    accepted = list(parameters)
+    unknown = [option for option in options if option not in parameters]
+    if unknown:
+        raise CorpusError(f"{name} does not take option{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; it takes: {', '.join(accepted)}")
+    missing = [p.name for p in parameters.values()
+               if p.default is inspect.Parameter.empty and options.get(p.name) is None]
+    if missing:
+        raise CorpusError(f"{name} needs option{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                          f"it takes: {', '.join(accepted)}")
+    return loader(**options)
+
+
+__all__ = ["LOADERS", "load_corpus", "loader_options", "DataCollatorForConversations", "CorpusError", "DataReport",
+           "UNLABELLED", "build_split"]

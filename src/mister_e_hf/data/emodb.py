@@ -4,12 +4,11 @@ Speaker-independent folds: the 10 speakers, sorted, form 5 pairs; fold k tests o
 (mod 5) for model selection, and trains on the other 6 speakers (or on all 8 others with `validation=False`).
 """
 
-import csv
 from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import CorpusError, DataReport, build_split, require_file
+from .common import CorpusError, DataReport, build_split, read_csv, require_folder
 
 
 LAYOUT = """<data_dir>/
@@ -17,6 +16,7 @@ LAYOUT = """<data_dir>/
   wav/<file>     e.g. wav/03a01Fa.wav"""
 
 NUM_FOLDS = 5
+REQUIRED = ("file", "speaker", "emotion", "transcript")
 
 
 def speaker_folds(speakers: list[str], num_folds: int = NUM_FOLDS) -> list[list[str]]:
@@ -39,37 +39,56 @@ def load_emodb(
     num_folds: int = NUM_FOLDS,
     validation: bool = True,
     skip_invalid: bool = False,
-    **_,
 ) -> tuple[DatasetDict, DataReport]:
+    """EmoDB as one-utterance conversations in speaker-independent folds.
+
+    Args:
+        data_dir: the folder holding `metadata.csv` and `wav/` (see `LAYOUT`).
+        fold: the test fold, in [0, num_folds).
+        num_folds: how many speaker groups to make.
+        validation: hold out the next fold's speakers for validation (else they are trained on).
+        skip_invalid: leave out (and count in the report, under `metadata.csv` for rows that belong to no split)
+            rows with a wrong field count or a blank file, speaker or emotion, and unreadable clips, instead of raising.
+    """
     data_dir = Path(data_dir)
-    metadata_file = require_file(data_dir / "metadata.csv", LAYOUT)
-    require_file(data_dir / "wav", LAYOUT)
-    with open(metadata_file, encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"file", "speaker", "emotion", "transcript"} - set(rows[0] if rows else {})
-    if missing:
-        raise CorpusError(f"{metadata_file} lacks columns {sorted(missing)}. Expected layout:\n{LAYOUT}")
-    if not 0 <= fold < num_folds:
+    for name, value in (("fold", fold), ("num_folds", num_folds)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CorpusError(f"EmoDB {name} must be an integer, got {value!r}.")
+    if num_folds < 1 or not 0 <= fold < num_folds:
         raise CorpusError(f"EmoDB fold must be in [0, {num_folds}), got {fold}.")
-    label_names = sorted({row["emotion"] for row in rows})
-    folds = speaker_folds([row["speaker"] for row in rows], num_folds)
+    metadata_file = data_dir / "metadata.csv"
+    report = DataReport()
+    _, table = read_csv(metadata_file, REQUIRED, LAYOUT, report, metadata_file.name, skip_invalid)
+    require_folder(data_dir / "wav", LAYOUT)
+    rows = []
+    for line, row in table:
+        blank = [column for column in ("file", "speaker", "emotion") if not row[column].strip()]
+        if blank:
+            report.invalid(metadata_file.name, "blank file, speaker or emotion",
+                           f"{metadata_file}, line {line}: {' and '.join(blank)} blank", skip_invalid, what="rows")
+            continue
+        rows.append((line, {k: v.strip() if k != "transcript" else v for k, v in row.items()}))
+    if not rows:
+        raise CorpusError(f"No valid row in {metadata_file}.")
+    label_names = sorted({row["emotion"] for _, row in rows})
+    folds = speaker_folds([row["speaker"] for _, row in rows], num_folds)
     split_of = {s: "test" for s in folds[fold]}
     if validation:
         split_of.update({s: "validation" for s in folds[(fold + 1) % num_folds]})
-    report = DataReport()
     report.note(f"fold {fold}: test speakers {folds[fold]}"
                 + (f", validation speakers {folds[(fold + 1) % num_folds]}" if validation else ""))
     records = {"train": [], "validation": [], "test": []}
-    for row in rows:
+    for line, row in rows:
         records[split_of.get(row["speaker"], "train")].append(
             {
                 "conversation_id": Path(row["file"]).stem,
                 "turn": 0,
-                "text": row["transcript"],
+                "text": row["transcript"] if row["transcript"].strip() else None,
                 "audio": str(data_dir / "wav" / row["file"]),
                 "label": row["emotion"],
                 "speaker": row["speaker"],
                 "sentence_code": row.get("sentence_code"),
+                "_line": line,
             }
         )
     metadata = {"speaker": Value("string"), "sentence_code": Value("string")}

@@ -6,6 +6,10 @@ Each dialog's `EmoEvaluation/<dialog>.txt` gives, per utterance, its time span, 
 numbered by start time. Utterances whose label is outside the chosen set (`xxx`, `oth`, `sur`, `fea`, `dis`, and
 `fru` for the 4-way set, where `exc` is merged into `happy`) stay in the conversation as unlabelled context.
 
+The release's text files are read as UTF-8; a byte that is not is replaced by U+FFFD and noted in the report (the
+corpus is as distributed), while a malformed summary line is an error naming the file and line (or, with
+`skip_invalid`, a skipped utterance).
+
 Fold k (1-5) tests on Session k; a seeded random `validation_fraction` of the other sessions' dialogs (at least one)
 is held out for validation and the rest is trained on.
 """
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import CorpusError, DataReport, build_split, require_file
+from .common import CorpusError, DataReport, build_split, read_text, require_file, require_folder
 
 
 LAYOUT = """<data_dir>/                       (IEMOCAP_full_release)
@@ -53,37 +57,63 @@ METADATA = {
 }
 
 
-def read_evaluation(path: Path) -> list[dict]:
-    """The summary lines of an EmoEvaluation file as dicts, in file order (other lines are ignored)."""
-    utterances = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            match = _EVALUATION_LINE.match(line.strip())
-            if match:
-                start, end, utterance_id, raw_label, valence, arousal, dominance = match.groups()
-                utterances.append(
-                    {
-                        "id": utterance_id,
-                        "start": float(start),
-                        "end": float(end),
-                        "raw_label": raw_label,
-                        "valence": float(valence),
-                        "arousal": float(arousal),
-                        "dominance": float(dominance),
-                    }
-                )
+def read_evaluation(path: Path, report: DataReport | None = None, split: str = "",
+                    skip_invalid: bool = False) -> list[dict]:
+    """The summary lines of an EmoEvaluation file as dicts, in file order, each with the `line` it is on (per-annotator
+    and comment lines are ignored). A line that starts like a summary line (`[`) but does not parse as one, or that
+    repeats an utterance id, is a `CorpusError` naming the file and line, or with `skip_invalid` counted in `report`
+    under `split` and left out. Bytes that are not UTF-8 are replaced (and noted in `report`, when given)."""
+    report = report if report is not None else DataReport()
+    utterances, seen = [], set()
+    for number, line in enumerate(read_text(path, on_invalid=_replaced(report)).split("\n"), 1):
+        line = line.strip()
+        if not line.startswith("["):
+            continue
+        match = _EVALUATION_LINE.match(line)
+        try:
+            start, end, utterance_id, raw_label, *ratings = match.groups() if match else ()
+            start, end, valence, arousal, dominance = map(float, (start, end, *ratings))
+        except ValueError:
+            report.invalid(split or path.name, "malformed EmoEvaluation line",
+                           f"{path}, line {number}: not a summary line `[start - end]<TAB>utterance<TAB>label<TAB>"
+                           f"[valence, activation, dominance]`: {line[:100]!r}", skip_invalid, what="utterances")
+            continue
+        if utterance_id in seen:
+            report.invalid(split or path.name, "duplicated utterance",
+                           f"{path}, line {number}: utterance {utterance_id} is listed twice", skip_invalid)
+            continue
+        seen.add(utterance_id)
+        utterances.append(
+            {
+                "id": utterance_id,
+                "start": start,
+                "end": end,
+                "raw_label": raw_label,
+                "valence": valence,
+                "arousal": arousal,
+                "dominance": dominance,
+                "line": number,
+            }
+        )
     return utterances
 
 
-def read_transcripts(path: Path) -> dict[str, str]:
-    """Utterance id -> text, from a transcription file (lines without an `<id> [start-end]: ` prefix are ignored)."""
+def read_transcripts(path: Path, report: DataReport | None = None) -> dict[str, str]:
+    """Utterance id -> text, from a transcription file (lines without an `<id> [start-end]: ` prefix are ignored).
+    Bytes that are not UTF-8 are replaced (and noted in `report`, when given)."""
     texts = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            match = _TRANSCRIPT_LINE.match(line.strip())
-            if match:
-                texts[match.group(1)] = match.group(2).strip()
+    for line in read_text(path, on_invalid=_replaced(report)).split("\n"):
+        match = _TRANSCRIPT_LINE.match(line.strip())
+        if match:
+            texts[match.group(1)] = match.group(2).strip()
     return texts
+
+
+def _replaced(report: DataReport | None):
+    """What `read_text` does with bytes that are not UTF-8 in the release's files: replaced by U+FFFD, and noted."""
+    if report is None:
+        return lambda message: None
+    return lambda message: report.note(message.replace("; save the file as UTF-8", "; such bytes replaced by U+FFFD"))
 
 
 def _sessions(data_dir: Path, fold: int) -> dict[int, Path]:
@@ -93,10 +123,10 @@ def _sessions(data_dir: Path, fold: int) -> dict[int, Path]:
         match = re.fullmatch(r"Session(\d+)", folder.name)
         if match and folder.is_dir():
             sessions[int(match.group(1))] = folder
-    require_file(data_dir / f"Session{fold}", LAYOUT)
+    require_folder(data_dir / f"Session{fold}", LAYOUT)
     for folder in sessions.values():
-        require_file(folder / "dialog" / "EmoEvaluation", LAYOUT)
-        require_file(folder / "dialog" / "transcriptions", LAYOUT)
+        require_folder(folder / "dialog" / "EmoEvaluation", LAYOUT)
+        require_folder(folder / "dialog" / "transcriptions", LAYOUT)
     return dict(sorted(sessions.items()))
 
 
@@ -113,7 +143,6 @@ def load_iemocap(
     validation_fraction: float = 0.1,
     seed: int = 0,
     skip_invalid: bool = False,
-    **_,
 ) -> tuple[DatasetDict, DataReport]:
     """IEMOCAP with `label_set` "4" (neutral, happy = hap + exc, sad, angry) or "6" (happy, sad, neutral, angry,
     excited, frustrated: hap, sad, neu, ang, exc, fru).
@@ -125,13 +154,13 @@ def load_iemocap(
         validation_fraction: share of the other sessions' dialogs held out for validation (at least one dialog;
             0 gives no validation split).
         seed: seed of the validation dialog pick.
-        skip_invalid: leave out (and count in the report) labelled utterances without a transcript and utterances
-            with unreadable audio, instead of raising.
+        skip_invalid: leave out (and count in the report) labelled utterances without a transcript, malformed or
+            repeated EmoEvaluation summary lines and utterances with unreadable audio, instead of raising.
     """
     data_dir = Path(data_dir)
     if label_set not in LABEL_SETS:
         raise ValueError(f"IEMOCAP label sets are {sorted(LABEL_SETS)}, got {label_set!r}.")
-    if not 1 <= fold <= NUM_SESSIONS:
+    if not isinstance(fold, int) or isinstance(fold, bool) or not 1 <= fold <= NUM_SESSIONS:
         raise CorpusError(f"IEMOCAP fold must be a session number in [1, {NUM_SESSIONS}], got {fold}.")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
@@ -157,8 +186,9 @@ def load_iemocap(
     for evaluation, split in split_of.items():
         dialog, session = evaluation.stem, evaluation.parents[2]
         transcript_file = require_file(session / "dialog" / "transcriptions" / f"{dialog}.txt", LAYOUT)
-        texts = read_transcripts(transcript_file)
-        utterances = sorted(read_evaluation(evaluation), key=lambda u: (u["start"], u["end"], u["id"]))
+        texts = read_transcripts(transcript_file, report)
+        utterances = sorted(read_evaluation(evaluation, report, split, skip_invalid),
+                            key=lambda u: (u["start"], u["end"], u["id"]))
         for turn, utterance in enumerate(utterances):
             label = mapping.get(utterance["raw_label"])
             text = texts.get(utterance["id"])
@@ -166,13 +196,9 @@ def load_iemocap(
                 if label is not None:
                     message = (f"utterance {utterance['id']} (label {utterance['raw_label']!r}) has no transcript "
                                f"in {transcript_file}")
-                    if not skip_invalid:
-                        raise CorpusError(message + " (pass skip_invalid=True / --skip_invalid to leave such "
-                                                    "utterances out)")
-                    report.skip(split, "no transcript", message)
+                    report.invalid(split, "no transcript", message, skip_invalid)
                     continue
                 no_text[split] += 1
-                text = ""
             if label is None:
                 unlabelled[split][utterance["raw_label"]] += 1
             wav = session / "sentences" / "wav" / dialog / f"{utterance['id']}.wav"
@@ -181,7 +207,7 @@ def load_iemocap(
                 {
                     "conversation_id": dialog,
                     "turn": turn,
-                    "text": text,
+                    "text": text or None,
                     "audio": str(wav) if wav.exists() else None,
                     "label": label,
                     "speaker": utterance["id"].rsplit("_", 1)[-1][:1],  # metadata only: never a model input
@@ -194,13 +220,13 @@ def load_iemocap(
             report.note(f"{split}: {sum(unlabelled[split].values())} utterances labelled outside the {label_set}-way "
                         f"set ({dict(sorted(unlabelled[split].items()))}) kept as unlabelled context")
         if no_text[split]:
-            report.note(f"{split}: {no_text[split]} unlabelled utterances have no transcript; kept with empty text")
+            report.note(f"{split}: {no_text[split]} unlabelled utterances have no transcript; kept without text")
         if no_audio[split]:
             report.note(f"{split}: {no_audio[split]} of {len(records[split])} utterances have no wav file; "
                         "kept as text-only")
     splits = {
         split: build_split(items, split, label_names, report, METADATA, skip_invalid=skip_invalid,
-                           missing_turns="allow" if skip_invalid else "error", source=str(data_dir))
+                           source=str(data_dir))
         for split, items in records.items()
         if items or split != "validation"
     }

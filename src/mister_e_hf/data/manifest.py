@@ -1,61 +1,99 @@
 """A generic manifest, so that users bring their own corpus: CSV or JSONL, one line per utterance.
 
 Required columns: `conversation_id`, `turn`, `text`, `label` (empty = unlabelled); optional: `audio` and `image`
-(paths, relative to the manifest's folder or absolute; empty = none; `image` is one frame of the utterance). Every other column is kept as per-turn string
-metadata. Splits come as files (`train_file`, `validation_file`, `test_file`, as in the Hugging Face examples) or as a
-folder holding `train`, `validation` (or `dev`) and `test` files.
+(paths, relative to the manifest's folder or absolute; empty = none; `image` is one frame of the utterance). Every
+other column is kept as per-turn string metadata (JSON values other than strings as their JSON text). Turn numbers
+are non-negative integers that order a conversation's utterances; they need not be contiguous. Splits come as files
+(`train_file`, `validation_file`, `test_file`, as in the Hugging Face examples) or as a folder holding `train`,
+`validation` (or `dev`) and `test` files.
+
+A CSV row whose field count differs from the header's (an unquoted comma), a JSONL line that is not a JSON object or
+lacks a column, and a value of the wrong type are errors naming the file and line; with `skip_invalid` such rows are
+left out and counted in the `DataReport`. A file that cannot be read as a whole (not UTF-8, a required column
+missing, no rows) is always an error.
 """
 
-import csv
 import json
+import re
 from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import CorpusError, DataReport, build_split, require_file
+from .common import RESERVED_COLUMNS, CorpusError, DataReport, build_split, read_csv, read_text, require_file
 
 
 REQUIRED = ("conversation_id", "turn", "text", "label")
+OPTIONAL = ("audio", "image")
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
 LAYOUT = """a CSV (with a header) or JSONL file per split, one line per utterance, columns:
   conversation_id, turn (0, 1, ...), text, label (empty: unlabelled), audio and image (optional paths), metadata...
 given as --train_file/--validation_file/--test_file, or a folder with train.csv|jsonl, validation.csv|jsonl
 (or dev.*), test.csv|jsonl"""
+_INTEGER = re.compile(r"\s*\+?\d+\s*")
 
 
-def read_manifest(path: Path) -> list[dict]:
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type (array, number, ...), for messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def read_manifest(
+    path: Path, report: DataReport | None = None, split: str = "", skip_invalid: bool = False
+) -> list[tuple[int, dict]]:
+    """The rows of a manifest file as `(line, row)`: a CSV row maps its header's columns to strings, a JSONL row is
+    the line's JSON object. Rows that cannot be read (see the module's docstring) raise a `CorpusError` naming the
+    file and line, or with `skip_invalid` are counted in `report` under `split` and left out."""
+    path = Path(path)
+    report = report if report is not None else DataReport()
+    split = split or path.name
     require_file(path, LAYOUT)
-    if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise CorpusError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-    elif path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_csv(path, REQUIRED, LAYOUT, report, split, skip_invalid)[1]
+    if suffix != ".jsonl":
         raise CorpusError(f"{path}: manifests are .csv or .jsonl files. Expected:\n{LAYOUT}")
-    if not rows:
+    rows, skipped = [], 0
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        problem = None
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            problem = ("not valid JSON", f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno})")
+        else:
+            if not isinstance(row, dict):
+                problem = ("not a JSON object", f"{path}, line {number}: a JSON {_json_type(row)} where each line "
+                                                "is one utterance as a JSON object ({\"conversation_id\": ...})")
+        if problem is not None:
+            report.invalid(split, *problem, skip_invalid, what="rows")
+            skipped += 1
+            continue
+        rows.append((number, row))
+    if not rows and not skipped:
         raise CorpusError(f"{path} holds no utterances.")
-    missing = [c for c in REQUIRED if c not in rows[0]]
-    if missing:
-        raise CorpusError(f"{path} lacks the columns {missing}. Expected:\n{LAYOUT}")
+    never = [c for c in REQUIRED if rows and not any(c in row for _, row in rows)]
+    if never:
+        raise CorpusError(f"{path} lacks the columns {never}. Expected:\n{LAYOUT}")
     return rows
 
 
 def _split_files(data_dir, train_file, validation_file, test_file) -> dict[str, Path]:
     files = {k: Path(v) for k, v in (("train", train_file), ("validation", validation_file), ("test", test_file)) if v}
-    if data_dir is not None and not files:
+    if data_dir is not None and files:
+        raise CorpusError(f"Give the manifest as a folder (data_dir={str(data_dir)!r}) or as split files "
+                          f"({', '.join(f'{k}_file' for k in files)}), not both.")
+    if data_dir is not None:
         folder = Path(data_dir)
         for split, names in SPLIT_NAMES.items():
-            for name in names:
-                for suffix in (".csv", ".jsonl"):
-                    if (folder / f"{name}{suffix}").exists() and split not in files:
-                        files[split] = folder / f"{name}{suffix}"
+            found = [folder / f"{name}{suffix}" for name in names for suffix in (".csv", ".jsonl")
+                     if (folder / f"{name}{suffix}").exists()]
+            if len(found) > 1:
+                raise CorpusError(f"{folder} holds more than one {split} manifest ({', '.join(p.name for p in found)}); "
+                                  "keep one")
+            if found:
+                files[split] = found[0]
     if "train" not in files and "test" not in files:
         raise CorpusError(f"No manifest found (looked for train/validation/test files in {data_dir}). Expected:\n{LAYOUT}")
     return files
@@ -65,11 +103,55 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _resolve(value, folder: Path) -> str | None:
+def _resolve(value: str | None, folder: Path) -> str | None:
     """A path relative to the manifest's folder (or absolute), or None when blank."""
     if _blank(value):
         return None
-    return str(value) if Path(str(value)).is_absolute() else str(folder / str(value))
+    return value if Path(value).is_absolute() else str(folder / value)
+
+
+def _turn(value) -> int | None:
+    """A turn number from an int or a string of digits (CSV), else None (1.5, "1.0", True, "", -1 are not turns)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        return int(value)
+    return None
+
+
+def _record(row: dict, path: Path, line: int, extra: list[str]) -> tuple[dict | None, tuple[str, str] | None]:
+    """`(utterance record, None)` from one manifest row, or `(None, (reason, message))` when it is invalid."""
+    at = f"{path}, line {line}"
+    missing = [c for c in REQUIRED if c not in row]
+    if missing:
+        return None, ("missing column", f"{at}: lacks the columns {missing}")
+    for column in (*REQUIRED[2:], *OPTIONAL):  # text, label, audio, image: a string or nothing
+        if column in row and row[column] is not None and not isinstance(row[column], str):
+            return None, ("value is not a string", f"{at}: {column} {row[column]!r} is a JSON "
+                                                  f"{_json_type(row[column])}, not a string (or null)"
+                                                  + (f'; write it as "{row[column]}"' if column == "label" else ""))
+    conversation_id = row["conversation_id"]
+    if isinstance(conversation_id, int) and not isinstance(conversation_id, bool):
+        conversation_id = str(conversation_id)
+    if not isinstance(conversation_id, str) or not conversation_id.strip():
+        return None, ("invalid conversation_id", f"{at}: conversation_id {row['conversation_id']!r} is not a "
+                                                 "non-empty string")
+    turn = _turn(row["turn"])
+    if turn is None:
+        return None, ("invalid turn", f"{at}: turn {row['turn']!r} is not a non-negative integer")
+    record = {
+        "conversation_id": conversation_id.strip(),
+        "turn": turn,
+        "text": None if _blank(row["text"]) else row["text"],
+        "audio": _resolve(row.get("audio"), path.parent),
+        "image": _resolve(row.get("image"), path.parent),
+        "label": None if _blank(row["label"]) else row["label"].strip(),
+        "_line": line,
+    }
+    for column in extra:
+        value = row.get(column)
+        record[column] = value if value is None or isinstance(value, str) else json.dumps(value)
+    return record, None
 
 
 def load_manifest(
@@ -79,36 +161,46 @@ def load_manifest(
     test_file: str | None = None,
     label_names: list[str] | None = None,
     skip_invalid: bool = False,
-    **_,
 ) -> tuple[DatasetDict, DataReport]:
-    """Loads manifest splits; the label set is `label_names` in that order, or the sorted labels found."""
+    """Loads manifest splits; the label set is `label_names` in that order (names stripped of surrounding spaces), or
+    the sorted labels found in every split.
+
+    Args:
+        data_dir: a folder holding `train`, `validation` (or `dev`, `valid`) and `test` files (`.csv` or `.jsonl`);
+            or give the files instead.
+        train_file, validation_file, test_file: the split files (at least `train_file` or `test_file`).
+        label_names: the label set in id order; labels outside it are errors (or skipped with `skip_invalid`).
+        skip_invalid: leave out (and count in the report) invalid rows and utterances instead of raising.
+    """
     files = _split_files(data_dir, train_file, validation_file, test_file)
-    tables = {split: read_manifest(path) for split, path in files.items()}
-    if label_names is None:
-        label_names = sorted({str(r["label"]).strip() for rows in tables.values() for r in rows if not _blank(r["label"])})
+    if label_names is not None:
+        label_names = [name.strip() if isinstance(name, str) else name for name in label_names]
     report = DataReport()
-    splits = {}
-    for split, rows in tables.items():
-        path = files[split]
-        extra = [c for c in rows[0] if c not in (*REQUIRED, "audio", "image")]
+    splits_records = {}
+    for split, path in files.items():
+        rows = read_manifest(path, report, split, skip_invalid)
+        extra = list(dict.fromkeys(c for _, row in rows for c in row if c not in (*REQUIRED, *OPTIONAL)))
+        clashing = [c for c in extra if c in RESERVED_COLUMNS]
+        if clashing:
+            raise CorpusError(f"{path}: the columns {clashing} clash with the conversation schema's own; rename them "
+                              f"(reserved: {list(RESERVED_COLUMNS)})")
         records = []
-        for number, row in enumerate(rows, 1):
-            try:
-                turn = int(row["turn"])
-            except (TypeError, ValueError):
-                raise CorpusError(f"{path}, utterance {number}: turn {row['turn']!r} is not an integer.") from None
-            audio, image = (_resolve(row.get(c), path.parent) for c in ("audio", "image"))
-            records.append(
-                {
-                    "conversation_id": str(row["conversation_id"]),
-                    "turn": turn,
-                    "text": None if _blank(row["text"]) else str(row["text"]),
-                    "audio": audio,
-                    "image": image,
-                    "label": None if _blank(row["label"]) else str(row["label"]).strip(),
-                    **{c: None if row.get(c) is None else str(row[c]) for c in extra},
-                }
-            )
-        splits[split] = build_split(records, split, list(label_names), report, {c: Value("string") for c in extra},
-                                    skip_invalid=skip_invalid, source=str(path))
+        for line, row in rows:
+            record, problem = _record(row, path, line, extra)
+            if problem is not None:
+                report.invalid(split, *problem, skip_invalid, what="rows")
+                continue
+            records.append(record)
+        splits_records[split] = (path, records, extra)
+    if label_names is None:
+        label_names = sorted({r["label"] for _, records, _ in splits_records.values() for r in records
+                              if r["label"] is not None})
+        if not label_names:
+            raise CorpusError(f"No labelled utterance in {', '.join(str(p) for p, _, _ in splits_records.values())}: "
+                              "nothing gives the label set (give label_names / --manifest_labels).")
+    splits = {
+        split: build_split(records, split, label_names, report, {c: Value("string") for c in extra},
+                           skip_invalid=skip_invalid, source=str(path))
+        for split, (path, records, extra) in splits_records.items()
+    }
     return DatasetDict(splits), report

@@ -5,18 +5,18 @@ MELD.Raw ships video clips (`dia{D}_utt{U}.mp4`); give `audio_dir` a folder of a
 like the official ones. Utterances whose clip is absent keep their text and are marked as having no audio.
 """
 
-import csv
 from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import DataReport, build_split, find_audio, require_file
+from .common import DataReport, build_split, find_audio, read_csv, require_folder
 
 
 LAYOUT = """<data_dir>/
   train_sent_emo.csv  dev_sent_emo.csv  test_sent_emo.csv
   (columns: Sr No., Utterance, Speaker, Emotion, Sentiment, Dialogue_ID, Utterance_ID, Season, Episode, ...)"""
 
+REQUIRED = ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID")
 SPLITS = {"train": "train", "validation": "dev", "test": "test"}
 AUDIO_FOLDERS = {
     "train": ["train", "train_splits"],
@@ -36,24 +36,39 @@ def load_meld(
     audio_dir: str | Path | None = None,
     label_column: str = "emotion",
     skip_invalid: bool = False,
-    **_,
 ) -> tuple[DatasetDict, DataReport]:
-    """MELD with `label_column` `emotion` (7 classes) or `sentiment` (3); the other one is kept as metadata."""
+    """MELD with `label_column` `emotion` (7 classes) or `sentiment` (3); the other one is kept as metadata.
+
+    Args:
+        data_dir: the folder holding the official `{train,dev,test}_sent_emo.csv` (see `LAYOUT`).
+        audio_dir: a folder of audio clips `dia{D}_utt{U}.*` (flat or in per-split folders), or None for text only.
+        label_column: "emotion" or "sentiment".
+        skip_invalid: leave out (and count in the report) rows with a wrong field count, a non-integer
+            `Dialogue_ID` / `Utterance_ID`, an unknown label or unreadable audio, instead of raising.
+    """
     data_dir = Path(data_dir)
     if label_column not in ("emotion", "sentiment"):
         raise ValueError(f"MELD labels are 'emotion' or 'sentiment', got {label_column!r}.")
+    if audio_dir is not None:
+        require_folder(Path(audio_dir), "a folder of audio clips dia{D}_utt{U}.wav (or .flac, ...), flat or in "
+                                        "per-split folders (train, dev, test)")
     label_names = EMOTIONS if label_column == "emotion" else SENTIMENTS
     other = "sentiment" if label_column == "emotion" else "emotion"
     report = DataReport()
     splits = {}
     for split, name in SPLITS.items():
-        path = require_file(data_dir / f"{name}_sent_emo.csv", LAYOUT)
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+        path = data_dir / f"{name}_sent_emo.csv"
+        _, rows = read_csv(path, REQUIRED, LAYOUT, report, split, skip_invalid)
         folders = _audio_folders(Path(audio_dir), split) if audio_dir is not None else []
         records, no_audio = [], 0
-        for row in rows:
-            dialogue, utterance = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
+        for line, row in rows:
+            try:
+                dialogue, utterance = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
+            except ValueError:
+                report.invalid(split, "non-integer Dialogue_ID or Utterance_ID",
+                               f"{path}, line {line}: Dialogue_ID {row['Dialogue_ID']!r} and Utterance_ID "
+                               f"{row['Utterance_ID']!r} must be integers", skip_invalid, what="rows")
+                continue
             audio = None
             for folder in folders:
                 if (audio := find_audio(folder, f"dia{dialogue}_utt{utterance}")) is not None:
@@ -63,16 +78,17 @@ def load_meld(
                 {
                     "conversation_id": f"{split}-dia{dialogue}",
                     "turn": utterance,
-                    "text": row["Utterance"],
+                    "text": row["Utterance"] if row["Utterance"].strip() else None,
                     "audio": audio,
-                    "label": row[label_column.capitalize()].strip().lower(),
+                    "label": row[label_column.capitalize()].strip().lower(),  # blank: an unknown label, not unlabelled
                     "speaker": row["Speaker"],  # metadata only: never a model input
                     other: row[other.capitalize()].strip().lower(),
+                    "_line": line,
                 }
             )
         if no_audio:
             report.note(f"{split}: {no_audio} of {len(records)} utterances have no audio clip; kept as text-only")
         metadata = {"speaker": Value("string"), other: Value("string")}
         splits[split] = build_split(records, split, label_names, report, metadata, skip_invalid=skip_invalid,
-                                    missing_turns="allow", source=str(path))
+                                    source=str(path))
     return DatasetDict(splits), report

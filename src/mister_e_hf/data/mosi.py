@@ -5,14 +5,12 @@ One conversation per video (a single speaker, so no speaker column), turns in cl
 keep their text and are marked as having no audio.
 """
 
-import csv
 import math
-from collections import Counter
 from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import CorpusError, DataReport, build_split, require_file
+from .common import CorpusError, DataReport, build_split, read_csv
 
 
 LAYOUT = """<data_dir>/
@@ -54,7 +52,6 @@ def load_mosi(
     data_dir: str | Path,
     label_set: str = "binary",
     skip_invalid: bool = False,
-    **_,
 ) -> tuple[DatasetDict, DataReport]:
     """CMU-MOSI with `label_set` "binary" (negative < 0 <= positive), "binary-non0" (score 0 kept as unlabelled
     context) or "7" (classes "-3".."3"); the score itself is kept as the `score` metadata column.
@@ -62,23 +59,19 @@ def load_mosi(
     Args:
         data_dir: the folder holding `label.csv` (see `LAYOUT`).
         label_set: "binary", "binary-non0" or "7".
-        skip_invalid: leave out (and count in the report) rows with an unreadable score, clip id or mode, duplicated
-            clips and clips with unreadable audio, instead of raising.
+        skip_invalid: leave out (and count in the report) rows with a wrong field count (under `label.csv`), a blank
+            video id, an unreadable score, clip id or mode, duplicated clips and clips with unreadable audio, instead
+            of raising.
     """
     data_dir = Path(data_dir)
     if label_set not in LABEL_NAMES:
         raise ValueError(f"MOSI label sets are {sorted(LABEL_NAMES)}, got {label_set!r}.")
-    label_file = require_file(data_dir / "label.csv", LAYOUT)
-    with open(label_file, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in REQUIRED if c not in (rows[0] if rows else {})]
-    if missing:
-        raise CorpusError(f"{label_file} lacks columns {missing}. Expected layout:\n{LAYOUT}")
-
+    label_file = data_dir / "label.csv"
     report = DataReport()
+    _, rows = read_csv(label_file, REQUIRED, LAYOUT, report, label_file.name, skip_invalid)
     clips: dict[str, dict[str, list]] = {split: {} for split in ("train", "validation", "test")}
     seen = set()
-    for line, row in enumerate(rows, 2):
+    for line, row in rows:
         video_id, clip_id = row["video_id"].strip(), row["clip_id"].strip()
         split = SPLITS.get(row["mode"].strip().lower())
         problem = None
@@ -87,7 +80,9 @@ def load_mosi(
         except ValueError:
             problem = "unreadable score or clip id"
         else:
-            if split is None:
+            if not video_id:
+                problem = "blank video_id"
+            elif split is None:
                 problem = "unknown mode"
             elif (video_id, clip_number) in seen:
                 problem = "duplicated clip"
@@ -96,12 +91,10 @@ def load_mosi(
         if problem is not None:
             message = (f"{problem} in {label_file}, line {line}: video_id={video_id!r}, clip_id={clip_id!r}, "
                        f"label={row['label']!r}, mode={row['mode']!r}")
-            if not skip_invalid:
-                raise CorpusError(message + " (pass skip_invalid=True / --skip_invalid to leave such rows out)")
-            report.skip(split or str(row["mode"]), problem, message)
+            report.invalid(split or str(row["mode"]), problem, message, skip_invalid, what="rows")
             continue
         seen.add((video_id, clip_number))
-        clips[split].setdefault(video_id, []).append((clip_number, clip_id, score, row["text"]))
+        clips[split].setdefault(video_id, []).append((clip_number, clip_id, score, row["text"], line))
 
     shared = set(clips["train"]) & (set(clips["validation"]) | set(clips["test"])) | (
         set(clips["validation"]) & set(clips["test"]))
@@ -112,13 +105,13 @@ def load_mosi(
     for split, videos in clips.items():
         records, unlabelled, no_audio = [], 0, 0
         for video_id, video_clips in videos.items():
-            for turn, (_, clip_id, score, text) in enumerate(sorted(video_clips)):
+            for turn, (_, clip_id, score, text, line) in enumerate(sorted(video_clips)):
                 label = score_label(score, label_set)
                 audio = _audio(data_dir, video_id, clip_id)
                 unlabelled += label is None
                 no_audio += audio is None
-                records.append({"conversation_id": video_id, "turn": turn, "text": text.strip(), "audio": audio,
-                                "label": label, "clip_id": clip_id, "score": score})
+                records.append({"conversation_id": video_id, "turn": turn, "text": text.strip() or None,
+                                "audio": audio, "label": label, "clip_id": clip_id, "score": score, "_line": line})
         if not records:
             raise CorpusError(f"No clips with mode {split if split != 'validation' else 'valid'!r} in {label_file}.")
         if unlabelled:
@@ -126,6 +119,5 @@ def load_mosi(
         if no_audio:
             report.note(f"{split}: {no_audio} of {len(records)} clips have no audio file; kept as text-only")
         splits[split] = build_split(records, split, LABEL_NAMES[label_set], report, metadata,
-                                    skip_invalid=skip_invalid, missing_turns="allow" if skip_invalid else "error",
-                                    source=str(label_file))
+                                    skip_invalid=skip_invalid, source=str(label_file))
     return DatasetDict(splits), report
