@@ -57,8 +57,11 @@ def test_pipeline_transcribes_missing_text_with_an_asr_model(tokenizer):
     clip = str(emodb / "wav" / "03a01Fa.wav")
     (prediction,) = recognizer([{"audio": clip}], asr_model=str(whisper))
     assert isinstance(prediction["transcript"], str) and prediction["transcript"]
-    with pytest.raises(ValueError, match="conversation 0, utterance 0: no text"):
-        recognizer([{"audio": clip}])
+    # without an ASR model, missing (or blank) text is absent text: the speech expert alone predicts
+    for utterance in ({"audio": clip}, {"audio": clip, "text": ""}, {"audio": clip, "text": "  "}):
+        (alone,) = recognizer([utterance])
+        assert alone["gate_weights"]["speech"] == pytest.approx(1.0) and "transcript" not in alone
+        assert alone["gate_weights"]["text"] == alone["gate_weights"]["cross-modal"] == 0.0
 
 
 def mister_e(*args):

@@ -154,12 +154,15 @@ def test_regression_head_learns_a_synthetic_valence_function(fusion):
 
 
 def test_regression_labels_are_checked():
-    model = MisterEModel(regression_config())
+    model = MisterEModel(regression_config()).eval()
     speech, text, targets = synthetic_dimensions(2, 3)
     with pytest.raises(ValueError, match=r"shape \(batch, utterances, dimensions\) = \(2, 3, 2\)"):
         model(speech_embeds=speech, text_embeds=text, labels=targets[..., 0])
-    with pytest.raises(ValueError, match="must be floats"):
-        model(speech_embeds=speech, text_embeds=text, labels=targets.long())
+    whole = targets.round()  # integer values (a score of 2) are values: cast, not refused
+    torch.testing.assert_close(model(speech_embeds=speech, text_embeds=text, labels=whole.long()).loss,
+                               model(speech_embeds=speech, text_embeds=text, labels=whole).loss)
+    with pytest.raises(ValueError, match="booleans"):
+        model(speech_embeds=speech, text_embeds=text, labels=targets > 0)
     with pytest.raises(Exception, match="ccc_weights"):
         MisterEModel(regression_config(ccc_weights=[1.0, 2.0, 3.0]))
 

@@ -66,10 +66,25 @@ def test_audio_file_paths_equal_arrays(tokenizer, tmp_path):
         ({"audio": np.array([0.0, np.nan, 0.1]), "sampling_rate": 16000, "text": "x"}, "NaN or infinite"),
         ({"audio": np.array([0.0, np.inf]), "sampling_rate": 16000, "text": "x"}, "NaN or infinite"),
         ({"audio": np.zeros(800), "text": "x"}, "needs its `sampling_rate`"),
-        ({"audio": np.zeros(800), "sampling_rate": 0, "text": "x"}, "positive whole number"),
-        ({"audio": np.zeros(800), "sampling_rate": -16000, "text": "x"}, "positive whole number"),
-        ({"audio": np.zeros(800), "sampling_rate": 16000}, "no text"),
-        ({"audio": np.zeros(800), "sampling_rate": 16000, "text": None}, "no text"),
+        ({"audio": np.zeros(800), "sampling_rate": 0, "text": "x"}, r"whole number of Hz in \[4000, 384000\]"),
+        ({"audio": np.zeros(800), "sampling_rate": -16000, "text": "x"}, "whole number of Hz in"),
+        ({"audio": np.zeros(800), "sampling_rate": 1, "text": "x"}, "whole number of Hz in"),
+        ({"audio": np.zeros(800), "sampling_rate": 16000.5, "text": "x"}, "whole number of Hz in"),
+        ({"audio": np.zeros(800), "sampling_rate": "16000", "text": "x"}, "needs its `sampling_rate`"),
+        ({"audio": np.zeros(800), "sampling_rate": True, "text": "x"}, "needs its `sampling_rate`"),
+        ({"audio": np.zeros(800, dtype=np.complex64), "sampling_rate": 16000, "text": "x"}, "complex"),
+        ({"audio": np.zeros(800, dtype=np.int64), "sampling_rate": 16000, "text": "x"}, "not a PCM sample format"),
+        ({"audio": np.zeros(800, dtype=bool), "sampling_rate": 16000, "text": "x"}, "array of numbers"),
+        ({"audio": np.array(["a", "b"]), "sampling_rate": 16000, "text": "x"}, "array of numbers"),
+        ({"audio": np.zeros(0), "sampling_rate": 16000, "text": "x"}, "holds no samples"),
+        ({"audio": 30000 * np.ones(800), "sampling_rate": 16000, "text": "x"}, r"lie in \[-1, 1\].*peak at 30000"),
+        ({"audio": np.zeros(10), "sampling_rate": 16000, "text": "x"}, "10 samples .* shorter than the speech "
+                                                                       "backbone's receptive field of 400 samples"),
+        ({"audio": np.zeros(61 * 8000), "sampling_rate": 8000, "text": "x"}, "61.0 s long, over `max_audio_seconds`=60"),
+        ({"audio": {"array": [0.0]}, "sampling_rate": 16000, "text": "x"}, "file path or a 1-D array"),
+        ({"audio": np.zeros(800), "sampling_rate": 16000, "text": 5}, "`text` must be a string, got int 5"),
+        ({"audio": " ", "text": " \t"}, r"no audio or text \(missing or blank"),
+        ({"txt": "typo"}, r"the utterance has \['txt'\]"),
     ],
 )
 def test_bad_utterances_name_conversation_and_utterance(tokenizer, utterance, message):
@@ -91,7 +106,7 @@ def test_bad_batches(tokenizer):
     with pytest.raises(ValueError, match="needs a feature extractor, a tokenizer or an image processor"):
         MisterEProcessor()
     speech_only = MisterEProcessor(feature_extractor("wav2vec2"), None)
-    with pytest.raises(ConversationInputError, match="conversation 0, utterance 0: no audio; this model needs"):
+    with pytest.raises(ConversationInputError, match="conversation 0, utterance 0: no audio .*this model needs"):
         speech_only(conversations=[[{"text": "words but no sound"}]])
 
 

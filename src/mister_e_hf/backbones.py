@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_MAPPING,
 )
 
+from .errors import MisterEError
 from .pooling import POOLINGS
 
 
@@ -210,7 +211,7 @@ def encode_visual(
 def _speech(backbone, inputs, pooling, chunk_size, all_layers):
     values = inputs.get("input_values", inputs.get("input_features"))
     if inputs.get("speech_attention_mask") is None:
-        raise ValueError("Speech inputs need `speech_attention_mask` (the processor returns it).")
+        raise MisterEError("Speech inputs need `speech_attention_mask` (the processor returns it).")
     return encode_speech(backbone, values, inputs["speech_attention_mask"], pooling, chunk_size, all_layers)
 
 
@@ -219,7 +220,7 @@ def _text(backbone, inputs, pooling, chunk_size, all_layers):
     and absent views (no tokens) give zeros."""
     ids, mask = inputs["input_ids"], inputs.get("text_attention_mask")
     if mask is None:
-        raise ValueError("Text inputs need `text_attention_mask` (the processor returns it).")
+        raise MisterEError("Text inputs need `text_attention_mask` (the processor returns it).")
     if ids.dim() == 2:
         return encode_text(backbone, ids, mask, pooling, chunk_size, all_layers)
     present = mask.bool().any(-1)  # (N, views)

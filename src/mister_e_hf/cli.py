@@ -5,42 +5,21 @@
     mister-e plot-gates --model runs/meld conversation.json -o gates.png
 
 Bad input ends with one line naming the file, conversation and utterance, a non-zero exit status, and no output
-file (outputs are written to a temporary file and moved into place only when complete).
+file (outputs are written to a temporary file and moved into place only when complete). Output is strict JSON: a
+prediction that is not a finite number is an error, never a `NaN` in the file.
 """
 
 import argparse
 import json
 import os
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
+
+from .atomic import atomic_output, strict_json
 
 
 class CliError(Exception):
     """An error the user can fix; printed as one line."""
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike):
-    """Yields a temporary path beside `path` (same suffix); it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
-    os.close(handle)
-    try:
-        yield temporary
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give what a plain open() would
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _resolve(utterance: dict, folder: Path) -> dict:
@@ -83,6 +62,9 @@ def read_conversations(path: str) -> list[tuple[str, str, list[dict]]]:
             items = [(path, value)] if single else [(f"{path}, conversation {i}", v) for i, v in enumerate(value)]
     except json.JSONDecodeError as error:
         raise CliError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    except UnicodeDecodeError as error:
+        raise CliError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                       "save it as UTF-8") from None
     if not items:
         raise CliError(f"{path}: no conversations")
     conversations = []
@@ -123,7 +105,7 @@ def _run(recognizer, conversations, batch_size: int, asr_model=None) -> list[lis
         try:
             outputs.extend(recognizer([utterances for _, _, utterances in chunk], batch_size=len(chunk), **options))
         except ConversationInputError as error:
-            if error.conversation is None:
+            if error.conversation is None or error.conversation >= len(chunk):
                 raise CliError(str(error)) from None
             position, conversation_id, _ = chunk[error.conversation]
             utterance = f", utterance {error.utterance}" if error.utterance is not None else ""
@@ -135,7 +117,7 @@ def predict(args) -> None:
     conversations = read_conversations(args.conversations)
     outputs = _run(_recognizer(args.model), conversations, args.batch_size, args.asr_model)
     lines = [
-        json.dumps({"conversation_id": conversation_id, "turn": turn, **prediction}, ensure_ascii=False)
+        strict_json({"conversation_id": conversation_id, "turn": turn, **prediction}, ensure_ascii=False)
         for (_, conversation_id, _), predictions in zip(conversations, outputs)
         for turn, prediction in enumerate(predictions)
     ]
@@ -150,15 +132,20 @@ def evaluate(args) -> None:
     import numpy as np
     import torch
 
-    from .data import DataCollatorForConversations, load_corpus
+    from .data import DataCollatorForConversations, load_corpus, loader_options
     from .metrics import load_erc_metric
 
     model, processor = load(args.model)
-    options = {"data_dir": args.data_dir}
+    options, flags = {"data_dir": args.data_dir}, {}
     if args.label_set:
-        options["label_set" if args.dataset != "meld" else "label_column"] = args.label_set
+        name = "label_column" if args.dataset == "meld" else "label_set"
+        options[name], flags[name] = args.label_set, "--label_set"
     if args.fold is not None:
-        options["fold"] = args.fold
+        options["fold"], flags["fold"] = args.fold, "--fold"
+    accepted = loader_options(args.dataset)
+    for name, flag in flags.items():
+        if name not in accepted:
+            raise CliError(f"{flag} does not apply to {args.dataset} (its loader takes: {', '.join(accepted)})")
     datasets, _ = load_corpus(args.dataset, **options)
     if args.split not in datasets:
         raise CliError(f"{args.dataset} has no split {args.split!r}; it has {sorted(datasets)}")
@@ -182,7 +169,7 @@ def evaluate(args) -> None:
     results = load_erc_metric().compute(predictions=predicted, references=true, label_names=label_names)
     results.update({f"gate_{name}": float(w) for name, w in zip(model.expert_names, np.mean(gates, 0))})
     results = {f"{args.split}_{k}": v for k, v in results.items()}
-    text = json.dumps(results, indent=1)
+    text = strict_json(results, indent=1)
     if args.output:
         with atomic_output(args.output) as temporary:
             Path(temporary).write_text(text + "\n", encoding="utf-8")
@@ -207,6 +194,17 @@ def plot_gates(args) -> None:
     print(f"wrote {args.output}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mister-e", description="Emotion recognition in conversations with MiSTER-E.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -215,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("conversations", help="JSONL (one conversation per line) or JSON file")
     p.add_argument("--model", required=True, help="a saved model folder")
     p.add_argument("-o", "--output", help="write JSONL here instead of standard output")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--asr_model", help="speech-recognition model for utterances with audio but no text")
     p.set_defaults(run=predict)
 
@@ -226,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--label_set")
     p.add_argument("--fold", type=int)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("-o", "--output", help="also write the metrics as JSON here")
     p.set_defaults(run=evaluate)
 

@@ -12,16 +12,21 @@ class MisterEError(ValueError):
 class ConversationInputError(MisterEError):
     """Bad input to the processor or the model. The message names the conversation and utterance (their positions in
     the batch), which are also kept as `conversation` and `utterance`, and the problem as `detail`. Callers that know
-    more (a file, a conversation id, a turn number) re-raise it with those names."""
+    more (a file, a conversation id, a turn number) re-raise it with `named("conversation 'dia3', turn 2")`."""
 
-    def __init__(self, detail: str, conversation: int | None = None, utterance: int | None = None):
-        self.detail, self.conversation, self.utterance = detail, conversation, utterance
-        where = "" if conversation is None else f"conversation {conversation}" + (
-            f", utterance {utterance}" if utterance is not None else "")
+    def __init__(self, detail: str, conversation: int | None = None, utterance: int | None = None,
+                 where: str | None = None):
+        self.detail, self.conversation, self.utterance, self.where = detail, conversation, utterance, where
+        if where is None and conversation is not None:
+            where = f"conversation {conversation}" + (f", utterance {utterance}" if utterance is not None else "")
         super().__init__(f"{where}: {detail}" if where else detail)
 
+    def named(self, where: str) -> "ConversationInputError":
+        """The same error, located in the caller's words instead of batch positions."""
+        return type(self)(self.detail, self.conversation, self.utterance, where)
+
     def __reduce__(self):  # picklable across processes (DataLoader workers) with its fields
-        return type(self), (self.detail, self.conversation, self.utterance)
+        return type(self), (self.detail, self.conversation, self.utterance, self.where)
 
 
 class CorpusError(MisterEError):

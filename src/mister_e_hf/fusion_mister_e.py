@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from .errors import MisterEError
 from .outputs import FusionOutput, ModalityFeatures
 
 
@@ -94,7 +95,7 @@ class CrossModalExpert(nn.Module):
     def step(self, speech: torch.Tensor, text: torch.Tensor, caches: list | None):
         """Causal mode, one new utterance `(B, 1, D)` per modality: `forward`'s outputs for it, and per-block caches."""
         if not self.causal:
-            raise ValueError("Step-by-step inference needs a causal model (`context_bidirectional=False`).")
+            raise MisterEError("Step-by-step inference needs a causal model (`context_bidirectional=False`).")
         caches = caches or [None] * len(self.blocks)
         for i, block in enumerate(self.blocks):
             speech, text, caches[i] = block.step(speech, text, caches[i])

@@ -15,6 +15,7 @@ from .losses import (
     supervised_contrastive_loss,
     symmetric_kl_consistency,
 )
+from .errors import MisterEError
 from .outputs import FusionOutput
 
 
@@ -51,16 +52,16 @@ class ClassificationHead(nn.Module):
     def check_labels(self, labels: torch.Tensor, utterance_mask: torch.Tensor) -> torch.Tensor:
         """Returns the `(B, U)` mask of labelled real utterances; raises on labels outside the label set."""
         if labels.shape != utterance_mask.shape:
-            raise ValueError(
+            raise MisterEError(
                 f"`labels` must have shape (batch, utterances) = {tuple(utterance_mask.shape)}, got {tuple(labels.shape)}."
             )
         if labels.is_floating_point():
-            raise ValueError("Classification `labels` must be integer class ids (padding = -100).")
+            raise MisterEError("Classification `labels` must be integer class ids (padding = -100).")
         labelled = utterance_mask & (labels != self.ignore_index)
         bad = labelled & ((labels < 0) | (labels >= self.num_outputs))
         if bad.any():
             b, u = bad.nonzero()[0].tolist()
-            raise ValueError(
+            raise MisterEError(
                 f"Label {labels[b, u].item()} of conversation {b}, utterance {u} is outside the label set "
                 f"[0, {self.num_outputs}) (use -100 for utterances without a label)."
             )
@@ -107,7 +108,7 @@ class RegressionHead(nn.Module):
         self.num_outputs = config.num_labels
         weights = config.ccc_weights or [1.0] * self.num_outputs
         if len(weights) != self.num_outputs:
-            raise ValueError(f"`ccc_weights` has {len(weights)} values for {self.num_outputs} dimensions.")
+            raise MisterEError(f"`ccc_weights` has {len(weights)} values for {self.num_outputs} dimensions.")
         self.register_buffer("ccc_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
     def mix(self, expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
@@ -119,10 +120,10 @@ class RegressionHead(nn.Module):
         """Returns the `(B, U, D)` mask of labelled values of real utterances."""
         expected = (*utterance_mask.shape, self.num_outputs)
         if tuple(labels.shape) != expected:
-            raise ValueError(f"Regression `labels` must have shape (batch, utterances, dimensions) = {expected}, "
+            raise MisterEError(f"Regression `labels` must have shape (batch, utterances, dimensions) = {expected}, "
                              f"got {tuple(labels.shape)} (NaN marks a missing value).")
         if not labels.is_floating_point():
-            raise ValueError("Regression `labels` must be floats (NaN where missing).")
+            raise MisterEError("Regression `labels` must be floats (NaN where missing).")
         return utterance_mask.unsqueeze(-1) & ~labels.isnan()
 
     def losses(

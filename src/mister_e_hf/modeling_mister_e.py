@@ -26,10 +26,12 @@ from .atomic import atomic_directory_update
 from .backbones import ENCODERS, INPUT_NAMES, build_backbone, load_backbone, load_backbone_config
 from .backbones import resolve_text_pooling
 from .configuration_mister_e import MODALITIES, MisterEConfig
+from .errors import ConversationInputError, MisterEError
 from .fusions import FUSIONS
 from .heads import HEADS
 from .layer_combiners import LAYER_COMBINERS, LayerWeighting
 from .outputs import MisterEOutput, ModalityFeatures
+from .processing_mister_e import receptive_field, text_positions
 
 
 LOSS_WEIGHTS = {
@@ -43,6 +45,9 @@ LOSS_WEIGHTS = {
 
 CODE_FILES = ("modeling_mister_e.py", "processing_mister_e.py")
 """Files that `save_pretrained` copies (with their relative imports) so a checkpoint loads with remote code."""
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+"""What a saved MiSTER-E folder holds its weights in (one file, or shards with an index)."""
 
 WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 """Weight files an earlier save may have left that a new save replaces (a checkpoint is one set of weights)."""
@@ -90,8 +95,11 @@ class EmbeddingStandardizer(nn.Module):
         """Sets the statistics from `(N, *shape)` embeddings (N >= 2)."""
         shape = tuple(self.mean.shape)
         if tuple(embeds.shape[1:]) != shape or len(embeds) < 2:
-            raise ValueError(f"Fitting embedding statistics needs at least 2 embeddings of shape {shape}, got a tensor "
+            raise MisterEError(f"Fitting embedding statistics needs at least 2 embeddings of shape {shape}, got a tensor "
                              f"of shape {tuple(embeds.shape)}.")
+        if not torch.isfinite(embeds).all():
+            raise MisterEError(f"Fitting embedding statistics: {int((~torch.isfinite(embeds)).flatten(1).any(1).sum())} "
+                               "of the embeddings hold NaN or infinite values.")
         embeds = embeds.to(torch.float64)
         std = embeds.std(0, unbiased=False)
         self.mean.copy_(embeds.mean(0))
@@ -167,7 +175,7 @@ class ConversationContext(nn.Module):
         """Causal mode, one new utterance: `(B, input_size)` -> `(B, output_size)`, carrying `state` (the last inputs
         the convolutions still see, and the GRU's hidden state). Equals `forward` over the conversation so far."""
         if not self.causal:
-            raise ValueError("Step-by-step context needs a causal model (`context_bidirectional=False`).")
+            raise MisterEError("Step-by-step context needs a causal model (`context_bidirectional=False`).")
         if state is None:
             state = {"inputs": inputs.new_zeros(inputs.shape[0], max(self.kernel_sizes) - 1, inputs.shape[-1]),
                      "gru": None}
@@ -249,7 +257,7 @@ class MisterEModel(MisterEPreTrainedModel):
                 if backbone is None:
                     backbone = build_backbone(config.backbone_config(modality), modality)
             elif given[modality] is not None:
-                raise ValueError(f"A {modality} backbone was given but the config has no `{modality}_config`.")
+                raise MisterEError(f"A {modality} backbone was given but the config has no `{modality}_config`.")
             setattr(self, f"{modality}_backbone", backbone)
             if backbone is not None and getattr(config, f"freeze_{modality}_backbone"):
                 backbone.requires_grad_(False)
@@ -284,7 +292,7 @@ class MisterEModel(MisterEPreTrainedModel):
         """Fits the standardisation (`config.standardize_embeddings`) of `modality` on its pooled training embeddings
         `(N, [layers,] dim)`, one row per utterance (as `embed_utterances` or an embedding cache gives them)."""
         if modality not in self.standardizers:
-            raise ValueError(f"This model does not standardise {modality} embeddings (`standardize_embeddings` is "
+            raise MisterEError(f"This model does not standardise {modality} embeddings (`standardize_embeddings` is "
                              f"off, or it has no {modality} modality).")
         self.standardizers[modality].fit(embeds)
 
@@ -321,7 +329,7 @@ class MisterEModel(MisterEPreTrainedModel):
         paths = {"speech": speech_model_name_or_path, "text": text_model_name_or_path,
                  "visual": visual_model_name_or_path}
         if not any(paths.values()) and not any(config_kwargs.get(f"{m}_embed_dim") for m in MODALITIES):
-            raise ValueError("Give at least one backbone (speech, text or visual) or an embedding size for "
+            raise MisterEError("Give at least one backbone (speech, text or visual) or an embedding size for "
                              "embeddings mode.")
         backbone_kwargs = backbone_kwargs or {}
         backbones, configs = {}, {}
@@ -339,6 +347,32 @@ class MisterEModel(MisterEPreTrainedModel):
             **config_kwargs,
         )
         return cls(config, **backbones)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, safetensors only (pickled `pytorch_model.bin` weights can run code when
+        loaded and are refused), and refusing weights that hold NaN or infinite values (a diverged run's model would
+        predict nothing but NaN)."""
+        if kwargs.get("use_safetensors") is False:
+            raise MisterEError("mister_e_hf loads safetensors weights only; `use_safetensors=False` is not supported.")
+        folder = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
+        if folder.is_dir() and not any((folder / name).is_file() for name in SAFETENSORS_FILES):
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+            found = f"it holds only {', '.join(pickles)} (pickled weights, refused: loading a pickle can run code)" \
+                if pickles else "it holds no weights"
+            raise MisterEError(f"{folder}: no {SAFETENSORS_FILES[0]}; {found}. mister_e_hf loads safetensors weights "
+                               "only: save the model with `save_pretrained` (or convert the weights to safetensors).")
+        kwargs["use_safetensors"] = True
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.check_finite(f"{pretrained_model_name_or_path}")
+        return model
+
+    def check_finite(self, where: str = "the model") -> None:
+        """Raises `MisterEError` naming the first parameter or buffer that holds NaN or infinite values."""
+        for name, tensor in self.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise MisterEError(f"{where}: the weight `{name}` holds NaN or infinite values (the model comes from "
+                                   "a diverged or corrupted run); it cannot be used.")
 
     def train(self, mode: bool = True):
         """Frozen backbones stay in eval mode (no dropout) while the rest trains."""
@@ -384,18 +418,53 @@ class MisterEModel(MisterEPreTrainedModel):
         """
         backbone = getattr(self, f"{modality}_backbone")
         if backbone is None:
-            raise ValueError(
+            raise MisterEError(
                 f"This model has no {modality} backbone (embeddings mode): pass `{modality}_embeds` instead of raw inputs."
             )
         selected = mask.bool()
         rows = {name: value[selected] for name, value in inputs.items()
                 if name in INPUT_NAMES[modality] and value is not None}
+        self._check_backbone_rows(modality, backbone, rows, selected)
         with self._backbone_context(modality):
             pooled = ENCODERS[modality](backbone, rows, self.poolings[modality], self.config.backbone_chunk_size,
                                         self.config.embed_layers(modality) is not None)
         embeds = pooled.new_zeros(*mask.shape, *pooled.shape[1:])
         embeds[selected] = pooled
         return embeds
+
+    @staticmethod
+    def _check_backbone_rows(modality: str, backbone, rows: dict, selected: torch.Tensor) -> None:
+        """Refuses raw inputs a backbone cannot embed, naming the conversation and utterance (batch positions):
+        non-finite values, audio shorter than the speech backbone's receptive field, utterances without tokens, and
+        texts longer than the text backbone's position embeddings."""
+        positions = selected.nonzero().tolist()
+
+        def refuse(row: int, detail: str):
+            raise ConversationInputError(detail, *positions[row])
+
+        for name, value in rows.items():
+            if value.is_floating_point() and not (finite := torch.isfinite(value.flatten(1)).all(1)).all():
+                refuse(int((~finite).nonzero()[0]), f"`{name}` holds NaN or infinite values.")
+        if modality == "speech" and "speech_attention_mask" in rows:
+            lengths = rows["speech_attention_mask"].long().sum(-1)
+            waveform = "input_values" in rows
+            minimum = (receptive_field(backbone.config) or 1) if waveform else 1
+            if (short := lengths < minimum).any():
+                row = int(short.nonzero()[0])
+                unit = "samples" if waveform else "feature frames"
+                refuse(row, f"the audio is {int(lengths[row])} {unit} long, shorter than the speech backbone's "
+                            f"receptive field of {minimum} {unit}: it cannot be embedded.")
+        if modality == "text" and "text_attention_mask" in rows:
+            lengths = rows["text_attention_mask"].long().sum(-1)
+            if lengths.dim() == 1 and (empty := lengths == 0).any():
+                refuse(int(empty.nonzero()[0]), "the text has no tokens (`text_attention_mask` is all 0) although "
+                                                "`text_mask` marks it present.")
+            limit = text_positions(backbone.config)
+            if limit is not None and (long := lengths.flatten(1).amax(1) > limit if lengths.dim() > 1
+                                      else lengths > limit).any():
+                row = int(long.nonzero()[0])
+                refuse(row, f"the text has {int(lengths[row].max())} tokens, more than the text backbone's {limit} "
+                            "positions; the processor truncates to it (set its `max_text_length`).")
 
     def _modality_inputs(self, modality, raw, embeds, mask, utterance_mask):
         """(embeddings `(B, U, [views,] [layers,] D)`, mask `(B, U)`) of one modality, from precomputed embeddings,
@@ -407,11 +476,16 @@ class MisterEModel(MisterEPreTrainedModel):
             expected = (*utterance_mask.shape, *([views] if views else []), *self.config.embedding_shape(modality))
             if tuple(embeds.shape) != expected:
                 names = ("views, " if views else "") + ("layers, " if layers else "")
-                raise ValueError(
+                raise MisterEError(
                     f"`{modality}_embeds` must have shape (batch, utterances, {names}dim) = "
                     f"{expected}, got {tuple(embeds.shape)}."
                 )
-            return embeds * mask.view(*mask.shape, *[1] * (embeds.dim() - 2)).to(embeds.dtype), mask
+            used = mask.view(*mask.shape, *[1] * (embeds.dim() - 2))
+            finite = torch.isfinite(embeds).flatten(2).all(-1) | ~mask
+            if not finite.all():
+                raise ConversationInputError(f"`{modality}_embeds` holds NaN or infinite values.",
+                                             *(~finite).nonzero()[0].tolist())
+            return torch.where(used, embeds, torch.zeros((), dtype=embeds.dtype, device=embeds.device)), mask
         if any(v is not None for v in raw.values()):
             if not mask.any():
                 return None, mask
@@ -465,19 +539,26 @@ class MisterEModel(MisterEPreTrainedModel):
         Returns:
             [`MisterEOutput`].
         """
-        raw = {
-            "speech": {"input_values": input_values, "input_features": input_features,
-                       "speech_attention_mask": speech_attention_mask},
-            "text": {"input_ids": input_ids, "text_attention_mask": text_attention_mask},
-            "visual": {"pixel_values": pixel_values},
-        }
-        given_embeds = {"speech": speech_embeds, "text": text_embeds, "visual": visual_embeds}
-        utterance_mask = self._utterance_mask(utterance_mask, raw, given_embeds)
+        inputs = self._coerce_inputs({
+            "input_values": input_values, "input_features": input_features,
+            "speech_attention_mask": speech_attention_mask, "input_ids": input_ids,
+            "text_attention_mask": text_attention_mask, "speech_embeds": speech_embeds, "text_embeds": text_embeds,
+            "pixel_values": pixel_values, "visual_embeds": visual_embeds, "utterance_mask": utterance_mask,
+            "speech_mask": speech_mask, "text_mask": text_mask, "visual_mask": visual_mask,
+            "text_view_mask": text_view_mask, "labels": labels,
+        })
+        raw = {modality: {name: inputs[name] for name in names} for modality, names in INPUT_NAMES.items()}
+        given_embeds = {m: inputs[f"{m}_embeds"] for m in MODALITIES}
+        utterance_mask = self._utterance_mask(inputs["utterance_mask"], raw, given_embeds)
+        self._check_shapes(inputs, utterance_mask)
+        speech_mask, text_mask, visual_mask = (inputs[f"{m}_mask"] for m in MODALITIES)
+        text_view_mask, labels, input_ids = inputs["text_view_mask"], inputs["labels"], inputs["input_ids"]
+        text_attention_mask = inputs["text_attention_mask"]
         if conversation_state is not None:
             if self.config.context_bidirectional:
-                raise ValueError("`conversation_state` (streaming) needs a causal model: `context_bidirectional=False`.")
+                raise MisterEError("`conversation_state` (streaming) needs a causal model: `context_bidirectional=False`.")
             if utterance_mask.shape[1] != 1 or not utterance_mask.all():
-                raise ValueError("With `conversation_state`, give exactly one new utterance per conversation.")
+                raise MisterEError("With `conversation_state`, give exactly one new utterance per conversation.")
             conversation_state.setdefault("context", {})
             conversation_state.setdefault("fusion", {})
             conversation_state["turns"] = conversation_state.get("turns", 0) + 1
@@ -525,7 +606,7 @@ class MisterEModel(MisterEPreTrainedModel):
             else:
                 if modality in self.standardizers:
                     if not self.standardizers[modality].fitted:
-                        raise ValueError(
+                        raise MisterEError(
                             f"`standardize_embeddings` is on but the {modality} statistics were never fitted: call "
                             "`model.fit_embedding_statistics` on training embeddings (MisterETrainer does it).")
                     embeds = self.standardizers[modality](embeds)  # padding is masked after the projection
@@ -535,7 +616,7 @@ class MisterEModel(MisterEPreTrainedModel):
                     present = view_mask if view_mask is not None else torch.ones(
                         embeds.shape[:3], dtype=torch.bool, device=embeds.device)
                     embeds = self.text_views(embeds, present.bool() & mask.unsqueeze(-1))
-            projected = self.projections[modality](embeds) * mask.unsqueeze(-1)
+            projected = self.projections[modality](embeds).masked_fill(~mask.unsqueeze(-1), 0.0)
             if context_state is None:
                 context = self.contexts[modality](projected, utterance_mask)
             else:
@@ -546,12 +627,91 @@ class MisterEModel(MisterEPreTrainedModel):
             if modality not in features and (given_embeds[modality] is not None or any(
                 v is not None for v in raw[modality].values()
             )):
-                raise ValueError(f"{modality} inputs were given, but this model has no {modality} modality.")
+                raise MisterEError(f"{modality} inputs were given, but this model has no {modality} modality.")
         present = torch.stack([f.mask for f in features.values()]).any(0)
         if (utterance_mask & ~present).any():
             b, u = (utterance_mask & ~present).nonzero()[0].tolist()
-            raise ValueError(f"Conversation {b}, utterance {u} has none of the model's modalities {self.config.modalities}.")
+            raise ConversationInputError(f"the utterance has none of the model's modalities {self.config.modalities} "
+                                         "(all its modality masks are 0).", b, u)
         return features
+
+    FLOAT_INPUTS = ("input_values", "input_features", "pixel_values", "speech_embeds", "text_embeds", "visual_embeds")
+    MASK_INPUTS = ("speech_attention_mask", "text_attention_mask", "utterance_mask", "speech_mask", "text_mask",
+                   "visual_mask", "text_view_mask")
+
+    def _coerce_inputs(self, inputs: dict) -> dict:
+        """The forward's tensors on the model's device and in the dtypes its layers take: arrays and lists become
+        tensors; waveforms, features, pixels and embeddings must be real floats and are cast to the dtype of the
+        layers that read them (a bf16/fp16 model takes the processor's float32 outputs); ids and labels must be
+        integers (labels of a regression head floats). Anything else is refused with the input named."""
+        head_dtype = self.projections[self.config.modalities[0]].linear.weight.dtype
+        coerced = {}
+        for name, value in inputs.items():
+            if value is None:
+                coerced[name] = None
+                continue
+            if not isinstance(value, torch.Tensor):
+                try:
+                    value = torch.as_tensor(value)
+                except (TypeError, ValueError, RuntimeError) as error:
+                    raise MisterEError(f"`{name}` must be a tensor (or an array), got {type(value).__name__}: "
+                                       f"{error}") from None
+            value = value.to(self.device)
+            if value.is_complex():
+                raise MisterEError(f"`{name}` is complex ({value.dtype}); the model takes real values.")
+            if name in self.FLOAT_INPUTS:
+                if not value.is_floating_point():
+                    raise MisterEError(f"`{name}` must hold floating-point values, got {value.dtype} (the processor "
+                                       "makes these inputs; embeddings are float vectors).")
+                modality = next(m for m, names in {"speech": ("input_values", "input_features"),
+                                                   "visual": ("pixel_values",)}.items() if name in names) \
+                    if not name.endswith("_embeds") else None
+                backbone = getattr(self, f"{modality}_backbone", None) if modality else None
+                target = next(backbone.parameters()).dtype if backbone is not None else head_dtype
+                value = value.to(target)
+            elif name == "input_ids":
+                if value.is_floating_point() or value.dtype == torch.bool:
+                    raise MisterEError(f"`input_ids` must be integer token ids, got {value.dtype}.")
+                value = value.long()
+            elif name == "labels":
+                if value.dtype == torch.bool:
+                    raise MisterEError("`labels` are booleans; give class ids (integers, -100 for no label) or, for "
+                                       "a regression head, float values.")
+                if self.config.head == "regression":
+                    value = value.float() if not value.is_floating_point() else value
+                elif not value.is_floating_point():
+                    value = value.long()
+            elif name in self.MASK_INPUTS and value.is_floating_point() and not ((value == 0) | (value == 1)).all():
+                raise MisterEError(f"`{name}` must hold 0/1 (or booleans), got other values.")
+            coerced[name] = value
+        return coerced
+
+    def _check_shapes(self, inputs: dict, utterance_mask: torch.Tensor) -> None:
+        """Every per-utterance input must be laid out `(batch, utterances, ...)` like `utterance_mask`, and each
+        attention mask like the input it masks."""
+        expected = tuple(utterance_mask.shape)
+        for name, value in inputs.items():
+            if value is None or name in ("utterance_mask", "labels"):
+                continue
+            if name in ("speech_mask", "text_mask", "visual_mask") and tuple(value.shape) != expected:
+                raise MisterEError(f"`{name}` must have shape (batch, utterances) = {expected}, got "
+                                   f"{tuple(value.shape)} (one entry per utterance).")
+            if value.dim() < 2 or tuple(value.shape[:2]) != expected:
+                raise MisterEError(f"`{name}` must start with (batch, utterances) = {expected}, got shape "
+                                   f"{tuple(value.shape)}.")
+        if inputs["text_view_mask"] is not None and inputs["text_view_mask"].shape[2:] != (len(self.config.text_views),):
+            raise MisterEError(f"`text_view_mask` must have shape (batch, utterances, views) with "
+                               f"{len(self.config.text_views)} views, got {tuple(inputs['text_view_mask'].shape)}.")
+        pairs = [("input_ids", "text_attention_mask"), ("input_values", "speech_attention_mask")]
+        for data, mask in pairs:
+            if inputs[data] is not None and inputs[mask] is not None and inputs[data].shape != inputs[mask].shape:
+                raise MisterEError(f"`{mask}` must have the shape of `{data}`, {tuple(inputs[data].shape)}; got "
+                                   f"{tuple(inputs[mask].shape)}.")
+        features, mask = inputs["input_features"], inputs["speech_attention_mask"]
+        if features is not None and mask is not None and mask.shape != (*features.shape[:2], features.shape[-1]):
+            raise MisterEError(f"`speech_attention_mask` must have shape (batch, utterances, frames) = "
+                               f"{(*features.shape[:2], features.shape[-1])} for `input_features`, got "
+                               f"{tuple(mask.shape)}.")
 
     def _zeros(self, utterance_mask: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.zeros(*utterance_mask.shape, dim, device=utterance_mask.device, dtype=self.dtype)
@@ -563,18 +723,23 @@ class MisterEModel(MisterEPreTrainedModel):
             shapes = [v.shape[:2] for v in given_embeds.values() if v is not None]
             shapes += [v.shape[:2] for group in raw.values() for v in group.values() if v is not None]
             if not shapes:
-                raise ValueError("No inputs: give raw speech/text inputs or precomputed `speech_embeds`/`text_embeds`.")
+                raise MisterEError("No inputs: give raw speech/text inputs or precomputed `speech_embeds`/`text_embeds`.")
+            if len(shapes[0]) < 2:
+                raise MisterEError(f"Inputs must be laid out (batch, utterances, ...), got shape {tuple(shapes[0])}.")
             device = next(v for v in [*given_embeds.values(), *(x for g in raw.values() for x in g.values())] if v is not None).device
             return torch.ones(shapes[0], dtype=torch.bool, device=device)
         utterance_mask = utterance_mask.bool()
         if utterance_mask.dim() != 2:
-            raise ValueError(f"`utterance_mask` must be (batch, utterances), got shape {tuple(utterance_mask.shape)}.")
+            raise MisterEError(f"`utterance_mask` must be (batch, utterances), got shape {tuple(utterance_mask.shape)}.")
+        if 0 in utterance_mask.shape:
+            raise MisterEError(f"Empty batch: `utterance_mask` has shape {tuple(utterance_mask.shape)}.")
         lengths = utterance_mask.sum(1)
         if (lengths == 0).any():
-            raise ValueError(f"Conversation {int((lengths == 0).nonzero()[0])} of the batch has no utterances.")
+            raise ConversationInputError("the conversation has no utterances (its `utterance_mask` row is all 0).",
+                                         int((lengths == 0).nonzero()[0]))
         prefix = torch.arange(utterance_mask.shape[1], device=utterance_mask.device) < lengths.unsqueeze(1)
         if (prefix != utterance_mask).any():
-            raise ValueError("`utterance_mask` must mark each conversation's utterances first, then padding.")
+            raise MisterEError("`utterance_mask` must mark each conversation's utterances first, then padding.")
         return utterance_mask
 
 

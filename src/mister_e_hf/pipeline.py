@@ -13,16 +13,20 @@ Input: one conversation (a list of `{"audio": path | array, "sampling_rate": ...
 Utterances without text can be transcribed first by any transformers speech-recognition model (`asr_model=`).
 """
 
+import torch
 from transformers import Pipeline
 
-from .processing_mister_e import read_audio, resample
+from .errors import ConversationInputError, MisterEError
+from .processing_mister_e import is_blank, read_audio, resample
 
 
 class ConversationalEmotionRecognitionPipeline(Pipeline):
     """Emotion of every utterance of one or many conversations, with the experts' gate weights.
 
-    Call parameters: `batch_size` (conversations per model call; results do not depend on it), `asr_model` (a
-    speech-recognition model id, folder or pipeline, used for utterances that have audio but no text).
+    Call parameters: `batch_size` (conversations per model call, a positive integer; results do not depend on it),
+    `asr_model` (a speech-recognition model id, folder or pipeline, used for utterances that have audio but no text,
+    i.e. a missing or blank `text`). Any other parameter is an error. Errors name the conversation (its position in
+    the input) and utterance.
     """
 
     _load_processor = True
@@ -35,19 +39,40 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
         self._asr = {}
 
     def _sanitize_parameters(self, asr_model=None, **kwargs):
+        if kwargs:
+            raise MisterEError(f"Unknown parameters {sorted(kwargs)} for the conversational-emotion-recognition "
+                               "pipeline; it takes `batch_size` and `asr_model`.")
         preprocess = {"asr_model": asr_model} if asr_model is not None else {}
         return preprocess, {}, {}
 
+    @staticmethod
+    def _conversations(conversations) -> tuple[list, bool]:
+        """(list of conversations, whether one conversation was given) from the pipeline's input."""
+        if isinstance(conversations, (list, tuple)) and conversations and all(isinstance(c, dict) for c in conversations):
+            return [list(conversations)], True
+        if isinstance(conversations, (list, tuple)) and conversations:
+            return list(conversations), False
+        given = "an empty list" if isinstance(conversations, (list, tuple)) else type(conversations).__name__
+        hint = " (one utterance? wrap it: [utterance])" if isinstance(conversations, dict) else ""
+        raise MisterEError(f"The pipeline takes one conversation (a list of utterance dicts such as "
+                           f"{{'text': ..., 'audio': ...}}) or a list of conversations; got {given}{hint}.")
+
     def __call__(self, conversations, batch_size: int | None = None, **kwargs):
-        single = isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict)
-        batch = [conversations] if single else list(conversations)
+        batch, single = self._conversations(conversations)
         preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
         preprocess_params = {**self._preprocess_params, **preprocess_params}
-        size = batch_size or self._batch_size or 1
+        size = batch_size if batch_size is not None else (self._batch_size or 1)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise MisterEError(f"`batch_size` must be a positive number of conversations, got {size!r}.")
         results = []
         for start in range(0, len(batch), size):
-            inputs = self.preprocess(batch[start : start + size], **preprocess_params)
-            results.extend(self.postprocess(self.forward(inputs, **forward_params), **postprocess_params))
+            try:
+                inputs = self.preprocess(batch[start : start + size], **preprocess_params)
+                results.extend(self.postprocess(self.forward(inputs, **forward_params), **postprocess_params))
+            except ConversationInputError as error:  # positions in the chunk -> positions in the input
+                if error.conversation is None or error.where is not None:
+                    raise
+                raise ConversationInputError(error.detail, start + error.conversation, error.utterance) from None
         return results[0] if single else results
 
     # -------------------------------------------------------------------------------------------- stages
@@ -61,13 +86,22 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
         return self._asr[asr_model]
 
     def _fill_transcripts(self, conversations, asr_model):
-        """Copies of the conversations where each utterance with audio but no text gets the ASR transcript."""
+        """Copies of the conversations where each utterance with audio but no text gets the ASR transcript (other
+        values are left for the processor to check and name)."""
+        if asr_model is None:
+            return conversations
         filled = []
         for b, conversation in enumerate(conversations):
+            if not isinstance(conversation, (list, tuple)):
+                filled.append(conversation)
+                continue
             utterances = []
             for u, utterance in enumerate(conversation):
+                if not isinstance(utterance, dict):
+                    utterances.append(utterance)
+                    continue
                 utterance = dict(utterance)
-                if utterance.get("text") is None and utterance.get("audio") is not None and asr_model is not None:
+                if is_blank(utterance.get("text")) and not is_blank(utterance.get("audio")) and asr_model is not None:
                     samples, rate = read_audio(utterance["audio"], utterance.get("sampling_rate"), b, u)
                     transcriber = self._transcriber(asr_model)
                     target = transcriber.feature_extractor.sampling_rate  # resampled here: no torchaudio needed
@@ -81,7 +115,8 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
     def preprocess(self, conversations, asr_model=None):
         conversations = self._fill_transcripts(conversations, asr_model)
         inputs = dict(self.processor(conversations=conversations, return_tensors="pt"))
-        inputs["_texts"] = [[u.get("text") if u.get("transcribed") else None for u in c] for c in conversations]
+        inputs["_texts"] = [[u.get("text") if isinstance(u, dict) and u.get("transcribed") else None for u in c]
+                            for c in conversations]
         return inputs
 
     def _forward(self, inputs):
@@ -98,7 +133,13 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
         regression = self.model.config.head == "regression"
         logits = outputs["logits"].float().cpu()
         gates = outputs["gate_weights"].float().cpu()
-        lengths = outputs["utterance_mask"].sum(1).tolist()
+        mask = outputs["utterance_mask"].cpu()
+        bad = mask & ~(torch.isfinite(logits).all(-1) & torch.isfinite(gates).flatten(2).all(-1))
+        if bad.any():
+            b, u = bad.nonzero()[0].tolist()
+            raise ConversationInputError("the model gave NaN or infinite scores; its weights or inputs are corrupted, "
+                                         "so no prediction is made.", b, u)
+        lengths = mask.sum(1).tolist()
         results = []
         for b, length in enumerate(lengths):
             conversation = []

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ConversationInputError, MisterEError
+
 
 @dataclass
 class UtterancePrediction:
@@ -43,7 +45,7 @@ class StreamingEmotionRecognizer:
 
     def __init__(self, model, processor):
         if model.config.context_bidirectional:
-            raise ValueError(
+            raise MisterEError(
                 "Streaming needs a causal model (each utterance sees only the past): train or load one with "
                 "`context_bidirectional=False`."
             )
@@ -60,28 +62,49 @@ class StreamingEmotionRecognizer:
 
     @torch.no_grad()
     def push(self, utterance: dict) -> UtterancePrediction:
-        """Adds one utterance (`{"audio", "sampling_rate", "text"}`) and returns its prediction."""
+        """Adds one utterance (`{"audio", "sampling_rate", "text"}`; a missing or blank value is an absent
+        modality, as everywhere) and returns its prediction. A push that fails (bad input, a non-finite prediction)
+        raises an error naming the turn and leaves the conversation as it was: the next push continues from the
+        last good turn."""
         start = time.perf_counter()
-        inputs = self.processor(conversations=[[utterance]], return_tensors="pt")
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
-        prepared = time.perf_counter()
-        outputs = self.model(**inputs, conversation_state=self.state)
-        self.state = outputs.conversation_state
+        turn = self.turns
+        try:
+            inputs = self.processor(conversations=[[utterance]], return_tensors="pt")
+            inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+            prepared = time.perf_counter()
+            # the model extends the state in place: give it a copy, kept only if the whole step succeeds
+            outputs = self.model(**inputs, conversation_state=_copy_structure(self.state))
+        except ConversationInputError as error:
+            raise error.named(f"streamed turn {turn}") from None
         done = time.perf_counter()
+        values = outputs.logits[0, 0].float().cpu()
+        gates = outputs.gate_weights[0, 0].float().cpu()
+        if not (torch.isfinite(values).all() and torch.isfinite(gates).all()):
+            raise ConversationInputError("the model gave NaN or infinite scores; its weights or inputs are corrupted, "
+                                         "so no prediction is made.", where=f"streamed turn {turn}")
+        self.state = outputs.conversation_state
         id2label = self.model.config.id2label
         regression = self.model.config.head == "regression"
-        values = outputs.logits[0, 0].float().cpu()
         values = values if regression else values.exp()  # values, or class probabilities
         best = None if regression else int(values.argmax())
         return UtterancePrediction(
-            turn=self.turns - 1,
+            turn=turn,
             label=None if regression else id2label[best],
             score=None if regression else float(values[best]),
             scores={id2label[i]: float(v) for i, v in enumerate(values)},
-            gate_weights=dict(zip(self.model.expert_names, outputs.gate_weights[0, 0].float().cpu().tolist())),
+            gate_weights=dict(zip(self.model.expert_names, gates.tolist())),
             latency_ms=1000 * (done - start),
             timings_ms={"processor": 1000 * (prepared - start), "model": 1000 * (done - prepared)},
         )
 
+
+def _copy_structure(state):
+    """A copy of the dicts and lists of a conversation state; tensors are shared (the model replaces them, never
+    writes into them)."""
+    if isinstance(state, dict):
+        return {key: _copy_structure(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_copy_structure(value) for value in state]
+    return state
 
 __all__ = ["StreamingEmotionRecognizer", "UtterancePrediction"]

@@ -213,8 +213,11 @@ def check_label_names(label_names, source: str = "") -> list[str]:
 
 
 def check_audio(path: str) -> str | None:
-    """None when `path` is a readable audio file, else the reason (header check only: cheap)."""
+    """None when `path` is a readable audio file, else the reason (header checks only: cheap). A WAV whose data chunk
+    is cut short is caught here, since libsndfile would decode it silently up to where it ends."""
     import soundfile
+
+    from ..processing_mister_e import wav_truncation
 
     if not os.path.isfile(path):
         return "audio file not found"
@@ -224,6 +227,8 @@ def check_audio(path: str) -> str | None:
         return f"audio cannot be decoded ({type(error).__name__}: {str(error).strip()[:120]})"
     if info.frames == 0:
         return "audio file is empty"
+    if wav_truncation(path):
+        return "audio file is truncated (its WAV data chunk is cut short)"
     return None
 
 
