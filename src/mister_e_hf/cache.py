@@ -7,6 +7,14 @@ digest of the utterance's content: its text, or the bytes of its audio (or image
 utterances: only utterances not yet in the entry are extracted (then appended as a new shard), so a second run with
 the same backbones and data extracts nothing, even when the corpus was copied, moved or restored since (new paths
 and modification times, same bytes); a file whose bytes changed is extracted again.
+
+Nothing untrusted is ever used. Each shard carries `integrity.json`, the size and digest of each of its files,
+written before the shard appears under its final name; reading an entry checks every shard against it and checks
+that its embeddings are finite and of one shape. A shard that fails (a flipped byte, a truncated or missing file, an
+unreadable record, NaN or infinity) is logged with its path and the reason, moved aside within the entry as
+`corrupt-shard-*` (kept for inspection, never read again), and its utterances are extracted again. Non-finite
+embeddings are refused when extracted, with the utterance (its file or text, split, conversation id and turn) named;
+so is any input the processor or the backbone refuses.
 """
 
 import hashlib
@@ -17,17 +25,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from .atomic import atomic_write_json
 from .backbones import INPUT_NAMES
+from .errors import CacheError, ConversationInputError
 
 
-CACHE_FORMAT = 2
-"""Bump when the way embeddings are computed changes, so that old entries are not reused."""
+logger = logging.get_logger(__name__)
+
+CACHE_FORMAT = 3
+"""Bump when the way embeddings are computed or stored changes, so that old entries are not reused (they are left
+alone, and their utterances extracted once more into a new entry; delete old entry folders to reclaim the space).
+3: shards carry `integrity.json` (entries of format 2 had none)."""
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MISTER_E_CACHE", Path.home() / ".cache" / "mister_e_hf" / "embeddings"))
+
+INTEGRITY_FILE = "integrity.json"
+"""Per shard: `{"format", "rows", "files": {name: {"bytes", "blake2b"}}}` of the shard's other files."""
+
+SET_ASIDE_PREFIX = "corrupt-"
+"""Untrusted shards are renamed `corrupt-shard-*` in their entry: kept for inspection, never globbed as shards."""
 
 
 def _digest(value) -> str:
@@ -64,6 +87,13 @@ def utterance_key(modality: str, value: str) -> str:
     return _digest([modality, file_digest(value)])
 
 
+def describe_utterance(modality: str, value: str) -> str:
+    """How messages name an utterance: its audio or image file, or its text (shortened)."""
+    if modality == "text":
+        return f"text {value if len(value) <= 60 else value[:57] + '...'!r}"
+    return f"{SOURCES[modality][1]} file {str(value)!r}"
+
+
 def _processor_settings(processor, modality: str) -> dict:
     if modality == "speech":
         return processor.feature_extractor.to_dict()
@@ -90,18 +120,66 @@ def extraction_settings(model, processor, modality: str, weights: str | None = N
 
 @dataclass
 class CacheStats:
-    """What `add_cached_embeddings` did: utterances read from the cache, utterances extracted, seconds extracting."""
+    """What `add_cached_embeddings` did: utterances read from the cache, utterances extracted, seconds extracting,
+    and untrusted shards moved aside (their utterances were extracted again)."""
 
     cached_utterances: int = 0
     utterances_embedded: int = 0
     extraction_seconds: float = 0.0
+    shards_set_aside: int = 0
+
+
+def _shard_files(shard: Path) -> dict[str, Path]:
+    """The files of a shard folder (relative POSIX name -> path), its integrity record excepted."""
+    return {p.relative_to(shard).as_posix(): p for p in sorted(shard.rglob("*"))
+            if p.is_file() and p.name != INTEGRITY_FILE}
+
+
+def _is_list(arrow_type) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
+def _check_embeddings(shard: Dataset, shape: tuple[int, ...] | None, chunk: int = 1 << 22) -> None:
+    """Raises `CacheError` unless every row of `shard`'s `embedding` column is a finite float array, all of one
+    shape (`shape`, when given). Reads the memory-mapped Arrow buffers `chunk` values at a time, copying nothing."""
+    if shard.column_names != ["key", "embedding"]:
+        raise CacheError(f"it has columns {shard.column_names}, not ['key', 'embedding']")
+    shapes = set()
+    for array in shard.data.table.column("embedding").chunks:
+        if not len(array):
+            continue
+        dims = []
+        while _is_list(array.type):  # one nesting level per dimension: (rows, [layers,] dim)
+            lengths = pc.unique(pc.list_value_length(array))
+            if array.null_count or len(lengths) != 1:
+                raise CacheError("its embeddings are missing for some rows, or differ in shape")
+            dims.append(lengths[0].as_py())
+            array = array.flatten()
+        shapes.add(tuple(dims))
+        if not pa.types.is_floating(array.type):
+            raise CacheError(f"its embeddings are {array.type}, not floats")
+        values = array.to_numpy(zero_copy_only=False)  # float nulls become NaN, refused below
+        for start in range(0, len(values), chunk):
+            if not np.isfinite(values[start : start + chunk]).all():
+                raise CacheError(f"it holds {int((~np.isfinite(values)).sum())} non-finite embedding values "
+                                 "(NaN or infinity)")
+    if len(shapes) > 1:
+        raise CacheError(f"its embeddings differ in shape: {sorted(shapes)}")
+    if shape is not None and shapes and shapes != {tuple(shape)}:
+        raise CacheError(f"its embeddings have shape {shapes.pop()}, this entry's have {tuple(shape)}")
 
 
 class EmbeddingCache:
-    """A folder of cache entries, `<modality>-<settings digest>/` with `settings.json` and `shard-*/` datasets."""
+    """A folder of cache entries, `<modality>-<settings digest>/` with `settings.json` and `shard-*/` datasets, each
+    shard with its `integrity.json`. Shards found untrusted are moved aside as `corrupt-shard-*/`.
+
+    A shard verified once by this object is not hashed again while its files keep their size, modification time and
+    inode (the splits of one run read the same entry several times)."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+        self.set_aside: list[Path] = []
+        self._verified: dict[Path, tuple] = {}
 
     def entry(self, settings: dict) -> Path:
         # the backbone's name or path is only a label: its weights digest identifies it, so the same weights
@@ -109,28 +187,111 @@ class EmbeddingCache:
         identity = {key: value for key, value in settings.items() if key != "backbone"}
         path = self.cache_dir / f"{settings['modality']}-{_digest(identity)}"
         path.mkdir(parents=True, exist_ok=True)
-        (path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        text = json.dumps(settings, indent=2, default=str) + "\n"
+        try:
+            unchanged = (path / "settings.json").read_text() == text
+        except (OSError, UnicodeDecodeError):
+            unchanged = False
+        if not unchanged:  # informative only (the folder's name is the key), but never torn
+            atomic_write_json(path / "settings.json", settings, default=str)
         return path
 
-    @staticmethod
-    def read(entry: Path) -> tuple[dict[str, int], Dataset | None]:
-        """(key -> row, all rows) of an entry's shards."""
-        shards = [load_from_disk(str(p)) for p in sorted(entry.glob("shard-*")) if (p / "dataset_info.json").exists()]
+    def read(self, entry: Path, shape: tuple[int, ...] | None = None) -> tuple[dict[str, int], Dataset | None]:
+        """(key -> row, all rows) of an entry's trusted shards. Every shard is checked (`integrity.json`, then that
+        it loads, has the recorded rows, and holds finite embeddings of one shape, `shape` when given); one that
+        fails is logged with its path and the reason and moved aside, so its utterances are simply missing."""
+        shards = []
+        for path in sorted(Path(entry).glob("shard-*")):
+            try:
+                shards.append(self._load_trusted(path, shape))
+            except CacheError as error:
+                self._move_aside(path, str(error))
         if not shards:
             return {}, None
-        table = concatenate_datasets(shards)
+        table = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
         return {key: row for row, key in enumerate(table["key"])}, table
+
+    def _load_trusted(self, shard: Path, shape: tuple[int, ...] | None) -> Dataset:
+        """The shard's dataset, or `CacheError` saying why it cannot be trusted."""
+        try:
+            record = json.loads((shard / INTEGRITY_FILE).read_text())
+            expected, rows = record["files"], int(record["rows"])
+            sizes = {name: int(item["bytes"]) for name, item in expected.items()}
+            digests = {name: str(item["blake2b"]) for name, item in expected.items()}
+        except FileNotFoundError:
+            raise CacheError(f"it has no {INTEGRITY_FILE} (an interrupted write, or an older toolkit)") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CacheError(f"its {INTEGRITY_FILE} is unreadable ({type(error).__name__}: {error})") from None
+        files = _shard_files(shard)  # every file must be one written with the shard, and none may be missing
+        if set(files) != set(expected):
+            raise CacheError(f"its files are not those written with it (missing: {sorted(set(expected) - set(files))}"
+                             f", unexpected: {sorted(set(files) - set(expected))})")
+        stats = {name: path.stat() for name, path in files.items()}
+        signature = tuple((name, s.st_size, s.st_mtime_ns, s.st_ino) for name, s in sorted(stats.items()))
+        verified = self._verified.get(shard) == signature
+        if not verified:
+            for name, path in files.items():
+                if stats[name].st_size != sizes[name]:
+                    raise CacheError(f"{name} has {stats[name].st_size} bytes, {sizes[name]} were written "
+                                     "(truncated?)")
+                if file_digest(path) != digests[name]:
+                    raise CacheError(f"{name} does not match its digest: its bytes changed after it was written")
+        try:
+            dataset = load_from_disk(str(shard))
+        except Exception as error:  # whatever the reason (a truncated or undecodable file), it cannot be used
+            raise CacheError(f"it cannot be loaded ({type(error).__name__}: {error})") from None
+        if len(dataset) != rows:
+            raise CacheError(f"it has {len(dataset)} rows, {rows} were written")
+        if not verified:
+            _check_embeddings(dataset, shape)
+            self._verified[shard] = signature
+        return dataset
+
+    def _move_aside(self, shard: Path, reason: str) -> None:
+        target = shard.with_name(SET_ASIDE_PREFIX + shard.name)
+        if target.exists():
+            target = shard.with_name(f"{SET_ASIDE_PREFIX}{shard.name}-{time.time_ns()}")
+        try:
+            os.replace(shard, target)
+            moved = f"Moved it aside to {target} (kept for inspection; delete it when done)"
+        except FileNotFoundError:
+            moved = "Another process moved it aside"
+        except OSError as error:  # e.g. a read-only cache: it is still never used
+            moved = f"Could not move it aside ({error.strerror or error}); it is skipped"
+        self.set_aside.append(shard)
+        logger.warning(f"Embedding cache shard {shard} cannot be trusted: {reason}. {moved}; its utterances count as "
+                       "not cached (extracted again unless another shard holds them).")
 
     @staticmethod
     def append(entry: Path, keys: list[str], vectors: list[np.ndarray]) -> None:
+        """Writes `(key, vector)` rows as a new shard with its `integrity.json`, under a hidden name first, so readers
+        never see a half-written shard. Refuses (`CacheError`) vectors that are non-finite or differ in shape."""
+        shapes = {np.shape(vector) for vector in vectors}
+        if len(keys) != len(vectors) or not keys or len(shapes) != 1:
+            raise CacheError(f"A cache shard needs one vector per key, all of one shape; got {len(keys)} keys and "
+                             f"{len(vectors)} vectors of shapes {sorted(shapes)}.")
+        array = np.asarray(vectors, dtype=np.float32)
+        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if not finite.all():
+            raise CacheError(f"Refusing to cache {int((~finite).sum())} non-finite embeddings (NaN or infinity), e.g. "
+                             f"key {keys[int(np.argmin(finite))]}; nothing was written.")
         vector_type = Value("float32")
-        for _ in vectors[0].shape:
+        for _ in array.shape[1:]:
             vector_type = List(vector_type)
-        shard = Dataset.from_dict({"key": keys, "embedding": vectors},
+        shard = Dataset.from_dict({"key": keys, "embedding": list(array)},
                                   features=Features({"key": Value("string"), "embedding": vector_type}))
         name = f"shard-{time.time_ns()}-{os.getpid()}"
-        shard.save_to_disk(str(entry / f".{name}"))
-        os.replace(entry / f".{name}", entry / name)  # readers never see half-written shards
+        staging = entry / f".{name}"
+        shard.save_to_disk(str(staging))
+        files = {file: {"bytes": path.stat().st_size, "blake2b": file_digest(path)}
+                 for file, path in _shard_files(staging).items()}
+        atomic_write_json(staging / INTEGRITY_FILE, {"format": CACHE_FORMAT, "rows": len(keys), "files": files})
+        os.replace(staging, entry / name)  # readers never see half-written shards
+
+
+def _absent(value) -> bool:
+    """Blank (empty or whitespace-only) text and missing values mean the utterance lacks the modality."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _utterances(dataset: Dataset, column: str) -> list[tuple[int, int, str]]:
@@ -138,7 +299,7 @@ def _utterances(dataset: Dataset, column: str) -> list[tuple[int, int, str]]:
     if column not in dataset.column_names:
         return []
     return [(i, t, value) for i, values in enumerate(dataset[column]) for t, value in enumerate(values)
-            if value is not None and value != ""]
+            if not _absent(value)]
 
 
 def _columns(model, modality: str) -> list[str]:
@@ -157,60 +318,143 @@ def _length(modality: str, value: str) -> float:
     import soundfile
 
     info = soundfile.info(value)
-    return info.frames / info.samplerate
+    return info.frames / info.samplerate if info.samplerate else 0.0
+
+
+def _embed_batch(model, processor, modality: str, values: list[str]) -> np.ndarray:
+    """`(len(values), [layers,] dim)` float32 embeddings of utterance sources, each its own one-utterance
+    conversation (so an error's `conversation` is a position in `values`)."""
+    key = SOURCES[modality][1]
+    inputs = processor(conversations=[[{key: value}] for value in values], modalities=[modality])
+    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in INPUT_NAMES[modality]}
+    mask = torch.ones(len(values), 1, dtype=torch.bool, device=model.device)
+    embeds = model.embed_utterances(modality, mask, **inputs)[:, 0]
+    if modality == "text" and model.text_views is not None:
+        embeds = embeds[:, 0]  # each text goes in as the transcript view
+    return embeds.float().cpu().numpy()
 
 
 @torch.no_grad()
 def extract_embeddings(model, processor, modality: str, utterances: list[str], batch_size: int = 16,
-                       desc: str = "") -> list[np.ndarray]:
+                       desc: str = "", locations: list[str] | None = None) -> list[np.ndarray]:
     """Pooled backbone embeddings of utterances given by their `modality` source (texts, audio or image paths, in
     order), computed in batches of similar length (less padding); each is `(dim,)`, or `(layers, dim)` when the
-    model combines the backbone's layers."""
-    order = sorted(range(len(utterances)), key=lambda i: _length(modality, utterances[i]))
-    key = SOURCES[modality][1]
+    model combines the backbone's layers.
+
+    An utterance the processor or the backbone refuses (`ConversationInputError`) is re-raised as one naming it: its
+    file or text and `locations[i]` (where it comes from, e.g. split, conversation id and turn) instead of its
+    position in a batch. Non-finite embeddings raise `CacheError` naming the utterance the same way."""
+    if locations is not None and len(locations) != len(utterances):
+        raise ValueError(f"`locations` must have one entry per utterance ({len(utterances)}), got {len(locations)}.")
+
+    def where(i: int) -> str:
+        what = describe_utterance(modality, utterances[i])
+        return f"{what} ({locations[i]})" if locations is not None else what
+
+    def culprit(error: ConversationInputError, chunk: list[int]) -> str:
+        if error.conversation is None or not 0 <= error.conversation < len(chunk):
+            return f"{modality} embeddings of one of " + "; ".join(where(i) for i in chunk)
+        i = chunk[error.conversation]
+        if str(utterances[i]) in error.detail:  # the detail names the file already
+            return f"{modality} embeddings" + (f" ({locations[i]})" if locations is not None else "")
+        return f"{modality} embeddings of {where(i)}"
+
+    lengths = []
+    for i, value in enumerate(utterances):
+        try:
+            lengths.append(_length(modality, value))
+        except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors name no conversation
+            raise ConversationInputError(f"cannot read {where(i)}: {type(error).__name__}: {error}") from None
+    order = sorted(range(len(utterances)), key=lambda i: lengths[i])
     was_training = model.training
     model.eval()
     vectors: list[np.ndarray | None] = [None] * len(utterances)
-    with tqdm(total=len(order), desc=desc or f"Extracting {modality} embeddings", unit="utt") as progress:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            inputs = processor(conversations=[[{key: utterances[i]}] for i in chunk], modalities=[modality])
-            inputs = {k: v.to(model.device) for k, v in inputs.items() if k in INPUT_NAMES[modality]}
-            mask = torch.ones(len(chunk), 1, dtype=torch.bool, device=model.device)
-            embeds = model.embed_utterances(modality, mask, **inputs)[:, 0]
-            if modality == "text" and model.text_views is not None:
-                embeds = embeds[:, 0]  # each text goes in as the transcript view
-            embeds = embeds.float().cpu().numpy()
-            for i, vector in zip(chunk, embeds):
-                vectors[i] = vector
-            progress.update(len(chunk))
-    model.train(was_training)
+    try:
+        with tqdm(total=len(order), desc=desc or f"Extracting {modality} embeddings", unit="utt") as progress:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                try:
+                    embeds = _embed_batch(model, processor, modality, [utterances[i] for i in chunk])
+                except ConversationInputError as error:  # a position in this chunk -> the utterance itself
+                    raise error.named(culprit(error, chunk)) from error
+                except Exception as error:  # not a toolkit error (a bug, a failing backbone): keep it, say where
+                    error.add_note(f"While extracting {modality} embeddings of: "
+                                   + "; ".join(where(i) for i in chunk[:4])
+                                   + (f"; and {len(chunk) - 4} more" if len(chunk) > 4 else ""))
+                    raise
+                bad = ~np.isfinite(embeds.reshape(len(chunk), -1)).all(axis=1)
+                if bad.any():
+                    others = f" and {int(bad.sum()) - 1} other utterances" if bad.sum() > 1 else ""
+                    raise CacheError(f"The {modality} backbone gave non-finite values (NaN or infinity) for "
+                                     f"{where(chunk[int(np.argmax(bad))])}{others}; refusing to cache them (nothing "
+                                     "was written). Check that input, and the backbone's weights and dtype.")
+                for i, vector in zip(chunk, embeds):
+                    vectors[i] = vector
+                progress.update(len(chunk))
+    finally:
+        model.train(was_training)
     return vectors
 
 
 def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: "EmbeddingCache",
                       batch_size: int = 16, stats: CacheStats | None = None, desc: str = "",
-                      weights: str | None = None) -> Dataset:
+                      weights: str | None = None, split: str | None = None) -> Dataset:
     """`<modality>_embeds` (per turn; zeros where absent) and `<modality>_present` (per turn 1/0) columns aligned with
-    `dataset`'s rows, read from the cache and extracting only the utterances it lacks."""
+    `dataset`'s rows, read from the cache and extracting only the utterances it lacks. Errors name the utterance by
+    its file or text, `split`, conversation id and turn."""
     stats = stats if stats is not None else CacheStats()
     entry = cache.entry(extraction_settings(model, processor, modality, weights))
+    shape = tuple(model.config.embedding_shape(modality))
     views = [_utterances(dataset, column) for column in _columns(model, modality)]
-    keys = [[utterance_key(modality, value) for _, _, value in view] for view in views]
-    index, table = cache.read(entry)
-    missing = sorted({k: value for view, view_keys in zip(views, keys) for k, (_, _, value) in zip(view_keys, view)
-                      if k not in index}.items())
+
+    ids = list(dataset["conversation_id"]) if "conversation_id" in dataset.column_names else None
+    turns = list(dataset["turns"]) if "turns" in dataset.column_names else None
+
+    def location(i: int, t: int) -> str:
+        parts = [f"split {split!r}"] if split else []
+        parts.append(f"conversation {ids[i]!r}" if ids is not None else f"row {i}")
+        parts.append(f"turn {turns[i][t]}" if turns is not None else f"utterance {t}")
+        return ", ".join(parts)
+
+    keys = []
+    for view in views:
+        view_keys = []
+        for i, t, value in view:
+            try:
+                view_keys.append(utterance_key(modality, value))
+            except OSError as error:
+                raise ConversationInputError(f"cannot read {describe_utterance(modality, value)} ({location(i, t)}): "
+                                             f"{error.strerror or error}") from None
+        keys.append(view_keys)
+    set_aside = len(cache.set_aside)
+    index, table = cache.read(entry, shape)
+    first_seen: dict[str, tuple[str, list[str]]] = {}  # key -> (value, locations of every utterance with it)
+    for view, view_keys in zip(views, keys):
+        for k, (i, t, value) in zip(view_keys, view):
+            if k not in index:
+                first_seen.setdefault(k, (value, []))[1].append(location(i, t))
+    missing = sorted(first_seen.items())
     if missing:
         start = time.perf_counter()
-        vectors = extract_embeddings(model, processor, modality, [u for _, u in missing], batch_size, desc)
+        locations = [places[0] + (f", and {len(places) - 1} more utterances with the same content" if len(places) > 1
+                                  else "") for _, (_, places) in missing]
+        vectors = extract_embeddings(model, processor, modality, [value for _, (value, _) in missing], batch_size,
+                                     desc, locations=locations)
+        if np.shape(vectors[0]) != shape:
+            raise CacheError(f"The {modality} backbone gave embeddings of shape {np.shape(vectors[0])}, the model "
+                             f"expects {shape} (`config.embedding_shape`); nothing was written.")
         cache.append(entry, [k for k, _ in missing], vectors)
         stats.extraction_seconds += time.perf_counter() - start
         stats.utterances_embedded += len(missing)
-        index, table = cache.read(entry)
+        index, table = cache.read(entry, shape)
+        absent = [k for k, _ in missing if k not in index]
+        if absent:  # the shard just written failed its checks (already logged and moved aside)
+            raise CacheError(f"The embedding cache entry {entry} did not keep the {len(absent)} embeddings just "
+                             "written (see the warning above); check the disk.")
+    stats.shards_set_aside += len(cache.set_aside) - set_aside
     total = sum(len(view) for view in views)
     stats.cached_utterances += total - len(missing)
 
-    shape = model.config.embedding_shape(modality)
     per_view = []
     for view, view_keys in zip(views, keys):
         found = table.select([index[k] for k in view_keys]).with_format("numpy")[:]["embedding"] if view_keys else []
@@ -248,7 +492,7 @@ def add_cached_embeddings(
     for split, dataset in datasets.items():
         columns = [
             cached_embeddings(model, processor, m, dataset, cache, batch_size, stats, f"{split}: {m} embeddings",
-                              digests[m])
+                              digests[m], split=split)
             for m in model.config.modalities
         ]
         out[split] = concatenate_datasets([dataset, *columns], axis=1)
@@ -258,7 +502,8 @@ def add_cached_embeddings(
 def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
     """Fits the model's embedding standardisation (`config.standardize_embeddings`) on the cached embeddings of
     `dataset` (the training split, as `add_cached_embeddings` returns it): every utterance (and text view) that has
-    the modality counts, labelled or not. Returns how many embeddings each modality was fitted on."""
+    the modality counts, labelled or not. Returns how many embeddings each modality was fitted on. Non-finite
+    embeddings are refused (`CacheError` naming the conversation and turn)."""
     counts = {}
     for modality, standardizer in model.standardizers.items():
         column, present_column = f"{modality}_embeds", f"{modality}_present"
@@ -270,9 +515,18 @@ def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
         view_column = f"{modality}_view_present" if f"{modality}_view_present" in dataset.column_names else None
         shape = tuple(standardizer.mean.shape)
         rows = []
-        for row in dataset.with_format("numpy", columns=[column, present_column, *([view_column] if view_column else [])]):
+        for i, row in enumerate(dataset.with_format(
+                "numpy", columns=[column, present_column, *([view_column] if view_column else [])])):
             present = np.asarray(row[present_column], dtype=bool)
-            embeds = np.asarray(row[column], dtype=np.float32)[present]
+            embeds = np.asarray(row[column], dtype=np.float32)
+            bad = present & ~np.isfinite(embeds.reshape(len(embeds), -1)).all(axis=1)
+            if bad.any():
+                t = int(np.argmax(bad))
+                conversation = dataset[i]["conversation_id"] if "conversation_id" in dataset.column_names else i
+                turn = dataset[i]["turns"][t] if "turns" in dataset.column_names else t
+                raise CacheError(f"Non-finite {modality} embedding (NaN or infinity) in conversation {conversation!r}, "
+                                 f"turn {turn}: cannot fit the embedding standardisation on it.")
+            embeds = embeds[present]
             if view_column:  # (turns, views, ...) -> the views that exist
                 embeds = embeds[np.asarray(row[view_column], dtype=bool)[present]]
             rows.append(embeds.reshape(-1, *shape))
@@ -282,5 +536,6 @@ def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
     return counts
 
 
-__all__ = ["EmbeddingCache", "CacheStats", "add_cached_embeddings", "cached_embeddings", "extract_embeddings",
-           "extraction_settings", "file_digest", "fit_embedding_statistics", "utterance_key", "weights_digest"]
+__all__ = ["EmbeddingCache", "CacheStats", "add_cached_embeddings", "cached_embeddings", "describe_utterance",
+           "extract_embeddings", "extraction_settings", "file_digest", "fit_embedding_statistics", "utterance_key",
+           "weights_digest"]
