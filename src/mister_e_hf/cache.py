@@ -95,12 +95,16 @@ def describe_utterance(modality: str, value: str) -> str:
 
 
 def _processor_settings(processor, modality: str) -> dict:
+    """What the processor does to an utterance before the backbone sees it (the settings that change embeddings)."""
     if modality == "speech":
-        return processor.feature_extractor.to_dict()
+        truncated = getattr(processor, "max_audio_seconds", None) if getattr(processor, "truncate_long_audio", False) \
+            else None
+        return {**processor.feature_extractor.to_dict(), "truncate_audio_to_seconds": truncated}
     if modality == "visual":
         return processor.image_processor.to_dict()
+    limit = getattr(processor, "text_limit", processor.max_text_length)
     return {"tokenizer": type(processor.tokenizer).__name__, "vocab": len(processor.tokenizer),
-            "name": processor.tokenizer.name_or_path, "max_text_length": processor.max_text_length}
+            "name": processor.tokenizer.name_or_path, "max_text_length": limit}
 
 
 def extraction_settings(model, processor, modality: str, weights: str | None = None) -> dict:
