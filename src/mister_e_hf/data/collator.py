@@ -105,6 +105,11 @@ class DataCollatorForConversations:
                 raise MisterEError(f"{self._where(rows, b)}: the conversation has no turns.")
             n = len(row["texts"])
             columns = [c for c in row if c in per_turn or c.endswith(("_embeds", "_present"))]
+            first = {c for c in rows[0] if c in per_turn or c.endswith(("_embeds", "_present"))}
+            if b and set(columns) != first:
+                differ = sorted(set(columns) ^ first)
+                raise MisterEError(f"{self._where(rows, b)}: the row's per-turn columns differ from the batch's first "
+                                   f"row's in {differ}; every row of a batch needs the same columns.")
             for column in columns:
                 value = row[column]
                 if value is None and column in ("audio", "images"):
@@ -168,9 +173,9 @@ class DataCollatorForConversations:
             for t, value in enumerate(row[self.label_column]):
                 integral = isinstance(value, (int, np.integer)) or (
                     isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer())
-                if isinstance(value, (bool, np.bool_)) or not integral:
-                    raise MisterEError(f"{self._where(rows, b, t)}: label {value!r} is not a class id (an integer; "
-                                       f"{UNLABELLED} or -100 for an unlabelled turn).")
+                if isinstance(value, (bool, np.bool_)) or not integral or not -100 <= value < 2 ** 31:
+                    raise MisterEError(f"{self._where(rows, b, t)}: label {value!r} is not a class id (an integer "
+                                       f"from 0; {UNLABELLED} or -100 for an unlabelled turn).")
                 ids.append(int(value))
             values = torch.tensor(ids, dtype=torch.long)
             labels[b, : len(values)] = values.masked_fill(values == UNLABELLED, -100)
