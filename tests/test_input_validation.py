@@ -374,3 +374,25 @@ def test_a_failed_push_names_the_turn_and_leaves_the_conversation_as_it_was(buil
         streamed.push({"text": ""})
     assert streamed.turns == 1
     assert [streamed.push(turn).scores for turn in turns[1:]] == reference[1:]
+
+
+# ------------------------------------------------------------------------------------------------------ images
+def test_frames_of_any_mode_or_layout_become_the_same_rgb_pixels(tmp_path):
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    processor = MisterEProcessor(image_processor=ViTImageProcessor(size={"height": 16, "width": 16}))
+    grey = np.random.default_rng(0).integers(0, 256, (5, 7, 1), dtype=np.uint8)
+    rgb = np.repeat(grey, 3, axis=-1)
+    path = tmp_path / "frame.png"
+    Image.fromarray(rgb).save(path)
+    reference = processor(conversations=[[{"image": str(path)}]])["pixel_values"]
+    for frame in (grey, rgb, np.concatenate([rgb, np.full_like(grey, 9)], -1), rgb / 255.0, rgb.astype(np.float64),
+                  Image.fromarray(grey[..., 0]), Image.fromarray(rgb).convert("RGBA"), rgb.astype(np.int64)):
+        torch.testing.assert_close(processor(conversations=[[{"image": frame}]])["pixel_values"], reference,
+                                   atol=1e-6, rtol=0)
+    assert processor(conversations=[[{"image": np.zeros((1, 1, 3), np.uint8)}]])["pixel_values"].shape[-1] == 16
+    for bad, message in ((-np.ones((4, 4, 3)), r"lie in \[0, 255\]"), (np.zeros((3, 8, 8)), "1, 3 or 4 channels"),
+                         (np.zeros((4, 4, 3), bool), "real numbers"), ({"pixels": 1}, "PIL image or an")):
+        with pytest.raises(ConversationInputError, match=message):
+            processor(conversations=[[{"image": bad}]])

@@ -159,32 +159,42 @@ def read_audio(audio, sampling_rate=None, conversation: int | None = None, utter
 
 
 def read_image(image, conversation: int | None = None, utterance: int | None = None):
-    """An utterance's frame as given (a PIL image or an `(H, W, C)` array), or opened from a path with PIL."""
+    """An utterance's frame as an RGB PIL image, whatever it was given as: a path (opened with PIL), a PIL image of
+    any mode, or an `(H, W, C)` array with 1 (grey), 3 (RGB) or 4 (RGBA: alpha dropped) channels holding 0-255
+    integers or floats in [0, 1] (or [0, 255]). One canonical form, so a frame gives the same pixels however it
+    came, and the image processor never has to guess the channel layout."""
+    from PIL import Image
+
     b, u = conversation, utterance
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise ConversationInputError(f"image file {str(image)!r} not found", b, u)
-        from PIL import Image
-
         try:
             with Image.open(image) as opened:
                 return opened.convert("RGB")
         except Exception as error:
             raise ConversationInputError(f"cannot decode image file {str(image)!r}: {error}", b, u) from None
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
-            raise ConversationInputError(f"an image array must be (height, width, channels) with 1, 3 or 4 channels, "
-                                         f"got shape {image.shape}", b, u)
-        if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)) \
-                or image.dtype == np.bool_:
-            raise ConversationInputError(f"an image array must hold real numbers, got dtype {image.dtype}", b, u)
-        if not np.isfinite(image).all():
-            raise ConversationInputError("the image array holds NaN or infinite values", b, u)
-        return image
-    if type(image).__module__.startswith("PIL."):
-        return image
-    raise ConversationInputError(f"an image must be a file path, a PIL image or an (H, W, C) array, got "
-                                 f"{type(image).__name__}", b, u)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, np.ndarray):
+        raise ConversationInputError(f"an image must be a file path, a PIL image or an (H, W, C) array, got "
+                                     f"{type(image).__name__}", b, u)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+        raise ConversationInputError(f"an image array must be (height, width, channels) with 1, 3 or 4 channels, "
+                                     f"got shape {image.shape}", b, u)
+    if image.dtype == np.bool_ or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise ConversationInputError(f"an image array must hold real numbers, got dtype {image.dtype}", b, u)
+    if not np.isfinite(image).all():
+        raise ConversationInputError("the image array holds NaN or infinite values", b, u)
+    low, high = float(image.min()), float(image.max())
+    if low < 0 or high > 255:
+        raise ConversationInputError(f"image values must lie in [0, 255] (or [0, 1] for floats), got [{low:g}, "
+                                     f"{high:g}]", b, u)
+    if np.issubdtype(image.dtype, np.floating) and high <= 1.0:
+        image = image * 255.0
+    pixels = np.rint(image).astype(np.uint8)
+    pixels = np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels[..., :3]
+    return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
 
 
 def receptive_field(config) -> int | None:
