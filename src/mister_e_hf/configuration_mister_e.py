@@ -206,6 +206,17 @@ class MisterEConfig(PreTrainedConfig):
         from .layer_combiners import LAYER_COMBINERS
         from .pooling import POOLINGS
 
+        import math
+
+        for name, value in vars(self).items():  # NaN passes every `< 0` check: refuse non-finite settings first
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value}.")
+        if self.ccc_weights is not None and (not self.ccc_weights or any(
+                not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in self.ccc_weights)
+                or not sum(self.ccc_weights) > 0):
+            raise ValueError(f"`ccc_weights` must be non-negative finite numbers, not all 0, got {self.ccc_weights}.")
+        if self.head == "classification" and self.num_labels < 2:
+            raise ValueError(f"A classification head needs at least 2 labels, got num_labels={self.num_labels}.")
         if not self.modalities:
             raise ValueError(
                 "A MiSTER-E model needs at least one modality: give `speech_config`/`text_config`/`visual_config` "
