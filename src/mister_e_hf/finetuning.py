@@ -12,7 +12,9 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .cache import SOURCES
+from .errors import ConversationInputError
 from .data.common import UNLABELLED
+from .processing_mister_e import is_blank
 
 
 class UtteranceClassifier(nn.Module):
@@ -34,13 +36,14 @@ class UtteranceClassifier(nn.Module):
 
 
 def _utterances(dataset: Dataset, modality: str) -> list[dict]:
-    """The labelled utterances of `dataset` that have `modality`, as `{<utterance key>: value, "label": id}`."""
+    """The labelled utterances of `dataset` that have `modality` (not missing or blank), as `{<utterance key>: value,
+    "label": id, "where": "conversation 'x', turn t"}`."""
     column, key = SOURCES[modality]
     return [
-        {key: value, "label": label}
+        {key: value, "label": label, "where": f"conversation {row['conversation_id']!r}, turn {turn}"}
         for row in dataset
-        for value, label in zip(row[column], row["labels"])
-        if label != UNLABELLED and value is not None
+        for value, label, turn in zip(row[column], row["labels"], row.get("turns") or range(len(row[column])))
+        if label != UNLABELLED and not is_blank(value)
     ]
 
 
@@ -76,7 +79,12 @@ def finetune_backbone(model, processor, modality: str, datasets, method: str = "
     key = SOURCES[modality][1]
 
     def collate(items):
-        batch = dict(processor(conversations=[[{key: i[key]}] for i in items], modalities=[modality]))
+        try:
+            batch = dict(processor(conversations=[[{key: i[key]}] for i in items], modalities=[modality]))
+        except ConversationInputError as error:
+            if error.conversation is None:
+                raise
+            raise error.named(f"{modality} fine-tuning, {items[error.conversation]['where']}") from None
         batch["labels"] = torch.tensor([i["label"] for i in items])
         return batch
 
