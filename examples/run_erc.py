@@ -9,7 +9,12 @@ Arguments may also come as one JSON or YAML file: `python examples/run_erc.py ar
 
 With frozen backbones, utterance embeddings are computed once into an embedding cache (keyed by backbone weights,
 pooling, processor settings and data) and the context layers, experts and gate train on them; the saved model still
-holds its backbones and runs on raw audio and text. Runs resume from the last checkpoint in `output_dir`.
+holds its backbones and runs on raw audio and text. Runs resume from the newest complete checkpoint in `output_dir`
+(a checkpoint left incomplete by a kill is moved aside to `incomplete-checkpoint-<step>`), and a resumed run ends with
+the weights and results of an uninterrupted one.
+
+Problems the user can fix (bad data, labels that cannot train, a non-finite loss) end the run with one line on stderr
+and a non-zero exit status; nothing is written from a broken state.
 """
 
 import dataclasses
@@ -24,17 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor, hub
+from mister_e_hf.atomic import atomic_write_json
 from mister_e_hf.cache import add_cached_embeddings
-from mister_e_hf.data import DataCollatorForConversations, load_corpus
+from mister_e_hf.data import DataCollatorForConversations, load_corpus, loader_options
+from mister_e_hf.errors import CorpusError, MisterEError, TrainingError
 from mister_e_hf.finetuning import finetune_backbone
 from mister_e_hf.metrics import load_erc_metric
 from mister_e_hf.modelcard import write_model_card
 from mister_e_hf.plotting import plot_confusion_matrix, plot_gate_weights_by_class
-from mister_e_hf.trainer import MisterETrainer, build_compute_metrics, flatten_predictions
+from mister_e_hf.checkpoints import checkpoint_problem, find_resumable_checkpoint
+from mister_e_hf.trainer import MisterETrainer, build_compute_metrics, check_labels, flatten_predictions
 
 
 logger = logging.getLogger(__name__)
@@ -167,25 +175,40 @@ def parse_overrides(text: str | None) -> dict:
     return overrides
 
 
+DATA_OPTIONS = {
+    # loader option: (the argument that gives it, how the argument's value becomes the option's)
+    "audio_dir": ("audio_dir", None),
+    "label_column": ("label_set", None),  # MELD names its label set by column: emotion | sentiment
+    "label_set": ("label_set", None),
+    "fold": ("fold", None),
+    "validation": ("emodb_validation", None),
+    "train_file": ("train_file", None),
+    "validation_file": ("validation_file", None),
+    "test_file": ("test_file", None),
+    "label_names": ("manifest_labels", lambda names: names.split(",")),
+}
+"""How the data arguments map onto corpus loader options. Only the options a user gave reach the loader (its own
+defaults hold otherwise), and an argument the chosen corpus does not take is an error, never silently ignored."""
+
+
 def load_data(data_args: DataArguments):
     data_dir = data_args.data_dir
     if data_dir is None and os.environ.get("MISTER_E_DATA") and data_args.dataset != "manifest":
         data_dir = str(Path(os.environ["MISTER_E_DATA"]) / data_args.dataset)
     if data_dir is None and data_args.dataset != "manifest":
-        raise ValueError(f"Give --data_dir (the {data_args.dataset} folder) or set MISTER_E_DATA.")
-    options = {"data_dir": data_dir, "skip_invalid": data_args.skip_invalid}
-    if data_args.dataset == "meld":
-        options.update(audio_dir=data_args.audio_dir, label_column=data_args.label_set or "emotion")
-    elif data_args.dataset == "iemocap":
-        options.update(label_set=data_args.label_set or "4", fold=data_args.fold or 1)
-    elif data_args.dataset == "mosi":
-        options.update(label_set=data_args.label_set or "binary")
-    elif data_args.dataset == "emodb":
-        options.update(fold=data_args.fold or 0, validation=data_args.emodb_validation)
-    else:
-        options.update(train_file=data_args.train_file, validation_file=data_args.validation_file,
-                       test_file=data_args.test_file,
-                       label_names=data_args.manifest_labels.split(",") if data_args.manifest_labels else None)
+        raise CorpusError(f"Give --data_dir (the {data_args.dataset} folder) or set MISTER_E_DATA.")
+    accepted = loader_options(data_args.dataset)
+    options = {"skip_invalid": data_args.skip_invalid, **({"data_dir": data_dir} if data_dir is not None else {})}
+    defaults = DataArguments(dataset=data_args.dataset)
+    for option, (argument, convert) in DATA_OPTIONS.items():
+        value = getattr(data_args, argument)
+        if value is None or value == getattr(defaults, argument):
+            continue
+        if option in accepted:
+            options[option] = convert(value) if convert else value
+        elif not any(o in accepted for o, (a, _) in DATA_OPTIONS.items() if a == argument):
+            raise CorpusError(f"--{argument} does not apply to --dataset {data_args.dataset} (its loader takes: "
+                              f"{', '.join(accepted)}).")
     datasets, report = load_corpus(data_args.dataset, **options)
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
                          ("test", data_args.max_test_samples)):
@@ -238,13 +261,17 @@ def evaluate_split(trainer, dataset, split, label_names, expert_names, output_di
         extra = {"scores": scores, "predicted_scores": predicted_scores(probabilities, label_names)}
     detailed = load_erc_metric().compute(predictions=predicted, references=true, label_names=label_names, **extra)
     matrix = detailed.pop("confusion_matrix")
+    undefined = sorted(k for k, v in detailed.items() if isinstance(v, float) and not np.isfinite(v))
+    if undefined:  # e.g. MOSI's non-0 binary scores when every true score is 0: no value, not NaN in the JSON
+        logger.warning(f"{split}: {undefined} are undefined on this split; written as null.")
+        detailed.update(dict.fromkeys(undefined))
     metrics.update({f"{split}_{k}": v for k, v in detailed.items()})
     plot_confusion_matrix(matrix, label_names, Path(output_dir) / f"confusion_matrix_{split}.png",
                           title=f"{split}: weighted F1 {100 * detailed['weighted_f1']:.1f}")
     plot_gate_weights_by_class(gates, true, label_names, expert_names, Path(output_dir) / f"gate_weights_{split}.png",
                                title=f"{split}: mean gate weight by true class")
-    (Path(output_dir) / f"confusion_matrix_{split}.json").write_text(
-        json.dumps({"labels": label_names, "matrix": matrix}, indent=1) + "\n")
+    atomic_write_json(Path(output_dir) / f"confusion_matrix_{split}.json", {"labels": label_names, "matrix": matrix},
+                      indent=1)
     return metrics
 
 
@@ -268,10 +295,14 @@ def main():
     output_dir.mkdir(parents=True, exist_ok=True)
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # one upload at the end, not per save
 
-    last_checkpoint = get_last_checkpoint(str(output_dir))
-    resume = training_args.resume_from_checkpoint or last_checkpoint
-    if resume:
-        logger.info(f"Resuming from {resume}")
+    need_optimizer = not training_args.save_only_model
+    resume = training_args.resume_from_checkpoint
+    if resume:  # given: it must be complete
+        problem = checkpoint_problem(resume, need_optimizer)
+        if problem:
+            raise TrainingError(f"Cannot resume from --resume_from_checkpoint {resume}: {problem}.")
+    else:  # the newest complete checkpoint; incomplete ones are moved aside
+        resume = find_resumable_checkpoint(output_dir, need_optimizer)  # the trainer says "Resuming from ..."
 
     datasets, report = load_data(data_args)
     report.save(output_dir / "data_report.json")
@@ -282,6 +313,9 @@ def main():
     label_names = label_columns or datasets["train"].features["labels"].feature.names
     if model_args.head == "regression" and training_args.metric_for_best_model == "weighted_f1":
         training_args.metric_for_best_model = "ccc_mean"
+    for split in datasets:  # labels that cannot train or evaluate are refused now, before any extraction
+        check_labels(datasets[split], split, label_names, model_args.head, label_columns=label_columns,
+                     training=split == "train")
 
     model, processor = build_model(model_args, label_names)
     if model_args.backbone_finetuning != "none":
@@ -299,7 +333,8 @@ def main():
                                                 model_args.extraction_batch_size)
         timings = {"embedding_seconds": round(time.perf_counter() - start, 2),
                    "extraction_seconds": round(stats.extraction_seconds, 2),
-                   "cached_utterances": stats.cached_utterances, "utterances_embedded": stats.utterances_embedded}
+                   "cached_utterances": stats.cached_utterances, "utterances_embedded": stats.utterances_embedded,
+                   "cache_shards_set_aside": stats.shards_set_aside}
         logger.info(f"Embedding cache: {timings}")
 
     callbacks = []
@@ -322,6 +357,8 @@ def main():
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
     train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2)}
+    if resume:  # train_loss is the whole run's; the times and speeds are this process's
+        train_metrics["resumed_from_checkpoint"] = Path(resume).name
     trainer.save_model()  # model + processor, with code and auto_map
     trainer.save_metrics("train", train_metrics)
     trainer.save_state()
@@ -348,5 +385,18 @@ def main():
         logger.info(f"Pushed to {commit.commit_url}")
 
 
+def run() -> int:
+    """`main()`, with a problem the user can fix (a `MisterEError`: bad data, labels that cannot train, a non-finite
+    loss, an incomplete checkpoint) reported as one line on stderr and exit status 1."""
+    try:
+        main()
+    except (MisterEError, StrictDataclassError) as error:  # config settings are checked by strict dataclasses
+        message = " ".join(str(error).split())
+        logger.error(message)
+        print(f"run_erc.py: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -10,10 +10,13 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
+from .atomic import atomic_output
 
-UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", ".*", "*/.*",
-                 "finetuning-*/*", "__pycache__/*"]
-"""What never goes to the Hub from a run folder."""
+
+UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/*", "incomplete-checkpoint-*", "incomplete-checkpoint-*/*", "runs/*",
+                 "*.bin", "*.pt", "*.pth", "*.pkl", ".*", "*/.*", "finetuning-*/*", "__pycache__/*"]
+"""What never goes to the Hub from a run folder: checkpoints (also those moved aside as incomplete), TensorBoard runs,
+pickles, hidden and temporary files (an interrupted atomic write's), fine-tuning runs."""
 
 
 def files_to_upload(folder: str | Path) -> list[str]:
@@ -24,12 +27,12 @@ def files_to_upload(folder: str | Path) -> list[str]:
 
 
 def export_for_upload(folder: str | Path, destination: str | Path) -> list[str]:
-    """Copies what `push_to_hub` would upload into `destination` (to test the exact repository offline)."""
+    """Copies what `push_to_hub` would upload into `destination` (to test the exact repository offline); each file
+    is copied to a temporary name and moved into place, so an interrupted export leaves no half-copied file."""
     names = files_to_upload(folder)
     for name in names:
-        target = Path(destination) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(folder) / name, target)
+        with atomic_output(Path(destination) / name) as temporary:
+            shutil.copyfile(Path(folder) / name, temporary)
     return names
 
 

@@ -4,11 +4,15 @@ The template is `model_cards/mister_e.md` (shipped in the package as `model_card
 into the text and into the `model-index` metadata (`EvalResult`), which the Hub shows and `ModelCard.load` parses.
 """
 
+import math
 import os
 from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .atomic import atomic_output
+from .errors import MisterEError
 
 
 METRICS = ("weighted_f1", "accuracy", "macro_f1")
@@ -65,7 +69,11 @@ def _table(rows: list[tuple[str, str]], header=("", "")) -> str:
 
 def build_model_card(model, dataset: str, label_names, results: dict, training_args=None, data_report=None,
                      repo_id: str | None = None, dataset_details: str = "") -> ModelCard:
-    """A filled-in `ModelCard` for a trained model and the metrics measured on it."""
+    """A filled-in `ModelCard` for a trained model and the metrics measured on it. A non-finite metric is refused
+    (`MisterEError`): a card never shows a score the model did not have."""
+    bad = sorted(k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise MisterEError(f"Refusing to write a model card with non-finite results: {bad[:5]}.")
     config = model.config
     backbones = [getattr(config, f"{m}_backbone_name_or_path") for m in config.modalities]
     card_data = ModelCardData(
@@ -127,9 +135,11 @@ def build_model_card(model, dataset: str, label_names, results: dict, training_a
 
 def write_model_card(output_dir, model, dataset: str, label_names, results: dict, training_args=None,
                      data_report=None, repo_id: str | None = None, dataset_details: str = "") -> ModelCard:
-    """Writes the card as `README.md` in `output_dir` and returns it."""
+    """Writes the card as `README.md` in `output_dir` (to a temporary name, then moved into place) and returns it."""
     card = build_model_card(model, dataset, label_names, results, training_args, data_report, repo_id, dataset_details)
-    card.save(str(Path(output_dir) / "README.md"))
+    with atomic_output(Path(output_dir) / "README.md") as temporary:
+        with open(temporary, "w", encoding="utf-8", newline="") as f:  # as `ModelCard.save` writes it
+            f.write(str(card))
     return card
 
 

@@ -1,6 +1,8 @@
-"""Plots users of ERC models expect: confusion matrices and the experts' gate weights."""
+"""Plots users of ERC models expect: confusion matrices and the experts' gate weights. Each is drawn into a temporary
+file beside its destination and moved into place (`atomic.atomic_output`), so a kill never leaves a torn image."""
 
 import os
+from pathlib import Path
 
 import matplotlib
 
@@ -8,6 +10,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .atomic import atomic_output  # noqa: E402
+
+
+def _save(fig, path) -> None:
+    """`fig.savefig(path)` through a temporary file of the same suffix; the format is the path's suffix (or
+    matplotlib's default when it has none), as `savefig(path)` would choose."""
+    suffix = Path(path).suffix.lstrip(".")
+    try:
+        with atomic_output(path) as temporary:
+            fig.savefig(temporary, dpi=120, format=suffix or matplotlib.rcParams["savefig.format"])
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion_matrix(matrix, label_names, path: str | os.PathLike, title: str = "Confusion matrix") -> None:
@@ -28,8 +43,7 @@ def plot_confusion_matrix(matrix, label_names, path: str | os.PathLike, title: s
                     color="white" if normalised[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_gate_weights_by_class(gates, true_ids, label_names, expert_names, path, title="Mean gate weight by class"):
@@ -46,8 +60,7 @@ def plot_gate_weights_by_class(gates, true_ids, label_names, expert_names, path,
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_gate_weights_along_turns(gates, expert_names, path, labels=None, title="Experts' weights along the turns"):
@@ -67,8 +80,7 @@ def plot_gate_weights_along_turns(gates, expert_names, path, labels=None, title=
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 __all__ = ["plot_confusion_matrix", "plot_gate_weights_by_class", "plot_gate_weights_along_turns"]
