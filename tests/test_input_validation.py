@@ -344,14 +344,24 @@ def test_a_folder_with_pickled_weights_only_is_refused(saved_model, capsys):
     assert error.count("\n") == 1 and "pytorch_model.bin (pickled weights, refused" in error
 
 
-def test_a_model_with_non_finite_weights_never_predicts(model_and_processor, tmp_path, capsys):
+def test_a_model_with_non_finite_weights_is_never_saved_loaded_or_used(model_and_processor, tmp_path, capsys):
     model, processor = model_and_processor
     with torch.no_grad():
         model.fusion.gate.net[0].weight[0, 0] = float("nan")
     with pytest.raises(ConversationInputError, match="NaN or infinite scores"):
         pipeline(TASK, model=model, processor=processor)([{"text": "fine", "audio": audio(), "sampling_rate": 16000}])
-    model.save_pretrained(tmp_path / "nan")  # (the trainer refuses to save such a model; a user may still do it)
+    with pytest.raises(MisterEError, match=r"Refusing to save to .*nan: the weight `fusion.gate.net.0.weight` holds"):
+        model.save_pretrained(tmp_path / "nan")
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+    with torch.no_grad():  # a file corrupted after saving
+        model.fusion.gate.net[0].weight[0, 0] = 0.0
+    model.save_pretrained(tmp_path / "nan")
     processor.save_pretrained(tmp_path / "nan")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "nan" / "model.safetensors")
+    weights["fusion.gate.net.0.weight"][0, 0] = float("nan")
+    save_file(weights, tmp_path / "nan" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MisterEError, match=r"the weight `fusion.gate.net.0.weight` holds NaN"):
         MisterEModel.from_pretrained(tmp_path / "nan")
     conversations = tmp_path / "c.jsonl"

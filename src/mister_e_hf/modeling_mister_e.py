@@ -388,8 +388,10 @@ class MisterEModel(MisterEPreTrainedModel):
         AutoProcessor, so that the folder also loads with `trust_remote_code=True` where this package is absent.
 
         Every file is written under a temporary name and moved into place (the config last), so a save that is
-        killed leaves the folder as it was, never half written. With `push_to_hub=True` the model is then uploaded
+        killed leaves the folder as it was, never half written. A model holding a NaN or infinite weight is refused:
+        nothing that cannot predict is ever saved. With `push_to_hub=True` the model is then uploaded
         to `repo_id` (default: the folder's name)."""
+        self.check_finite(f"Refusing to save to {save_directory}")
         repo_id = kwargs.pop("repo_id", Path(save_directory).name)
         hub_options = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "revision", "create_pr")
                        if k in kwargs}
