@@ -18,6 +18,7 @@ and a non-zero exit status; nothing is written from a broken state.
 """
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -161,11 +162,16 @@ def parse_overrides(text: str | None) -> dict:
     """'a=1,b=0.5,c=true,d=[1,3]' -> MisterEConfig keyword arguments (values parsed as JSON when they can be;
     whole numbers given for float settings, like `supcon_weight=0`, become floats)."""
     float_fields = {f.name for f in dataclasses.fields(MisterEConfig) if "float" in str(f.type)}
+    known = {f.name for f in dataclasses.fields(MisterEConfig)}
     overrides = {}
     for item in filter(None, (part.strip() for part in re.split(r",(?![^\[]*\])", text or ""))):
         if "=" not in item:
-            raise ValueError(f"config_overrides entries are key=value, got {item!r}.")
+            raise MisterEError(f"config_overrides entries are key=value, got {item!r}.")
         key, value = (part.strip() for part in item.split("=", 1))
+        if key not in known:  # PreTrainedConfig keeps any keyword as an attribute: a typo would do nothing
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            raise MisterEError(f"--config_overrides: {key!r} is not a MisterEConfig setting"
+                               + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "."))
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
@@ -224,13 +230,13 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
         model = MisterEModel.from_pretrained(model_args.model_name_or_path)
         processor = MisterEProcessor.from_pretrained(model_args.model_name_or_path)
         if [model.config.id2label[i] for i in range(model.config.num_labels)] != label_names:
-            raise ValueError(f"{model_args.model_name_or_path} predicts {list(model.config.id2label.values())}, "
+            raise MisterEError(f"{model_args.model_name_or_path} predicts {list(model.config.id2label.values())}, "
                              f"the data has {label_names}.")
         return model, processor
     paths = (model_args.speech_model_name_or_path, model_args.text_model_name_or_path,
              model_args.visual_model_name_or_path)
     if not any(paths):
-        raise ValueError("Give --speech_model_name_or_path, --text_model_name_or_path and/or "
+        raise MisterEError("Give --speech_model_name_or_path, --text_model_name_or_path and/or "
                          "--visual_model_name_or_path (or --model_name_or_path).")
     frozen = model_args.freeze_backbones or model_args.backbone_finetuning != "none"
     model = MisterEModel.from_backbones(
@@ -309,7 +315,7 @@ def main():
     logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
     label_columns = data_args.label_columns.split(",") if data_args.label_columns else None
     if (model_args.head == "regression") != bool(label_columns):
-        raise ValueError("A regression head needs --label_columns (and --label_columns needs --head regression).")
+        raise MisterEError("A regression head needs --label_columns (and --label_columns needs --head regression).")
     label_names = label_columns or datasets["train"].features["labels"].feature.names
     if model_args.head == "regression" and training_args.metric_for_best_model == "weighted_f1":
         training_args.metric_for_best_model = "ccc_mean"

@@ -406,3 +406,51 @@ def test_frames_of_any_mode_or_layout_become_the_same_rgb_pixels(tmp_path):
                          (np.zeros((4, 4, 3), bool), "real numbers"), ({"pixels": 1}, "PIL image or an")):
         with pytest.raises(ConversationInputError, match=message):
             processor(conversations=[[{"image": bad}]])
+
+
+def test_empty_batches_foreign_token_ids_and_missing_backbone_folders_are_named(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    with pytest.raises(MisterEError, match=r"Empty batch: the inputs have shape \(0, 3\)"):
+        model(speech_embeds=None, input_ids=torch.zeros(0, 3, 4, dtype=torch.long),
+              text_attention_mask=torch.ones(0, 3, 4, dtype=torch.long))
+    inputs = processor(conversations=[[{"text": "fine thanks"}]])
+    inputs["input_ids"][0, 0, 0] = 10 ** 6
+    with pytest.raises(ConversationInputError, match=r"utterance 0: `input_ids` holds token ids outside the text "
+                                                     r"backbone's vocabulary \[0, \d+\)"):
+        model(**inputs)
+    for path in (tmp_path / "gone", "./gone", "models/typo/whisper"):
+        with pytest.raises(MisterEError, match="is not a folder that exists"):
+            MisterEModel.from_backbones(str(path), None, num_labels=2)
+        with pytest.raises(MisterEError, match="is not a folder that exists"):
+            MisterEProcessor.from_backbones(None, str(path))
+
+
+def test_damaged_model_folders_give_one_line(saved_model, tmp_path, capsys):
+    conversations = tmp_path / "c.jsonl"
+    conversations.write_text(json.dumps([{"text": "fine"}]) + "\n")
+    weights = saved_model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(MisterEError, match="its weights cannot be read .* truncated or corrupted"):
+        MisterEModel.from_pretrained(saved_model)
+    assert cli_main(["predict", str(conversations), "--model", str(saved_model)]) == 1
+    assert "weights cannot be read" in capsys.readouterr().err
+    (saved_model / "config.json").write_text("{not json")
+    assert cli_main(["predict", str(conversations), "--model", str(saved_model)]) == 1
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+    (saved_model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert cli_main(["predict", str(conversations), "--model", str(saved_model)]) == 1
+    assert "not a MiSTER-E model (its config.json has model_type 'bert')" in capsys.readouterr().err
+
+
+def test_a_mistyped_config_override_is_refused():
+    import importlib.util
+
+    from helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("run_erc", REPO_ROOT / "examples" / "run_erc.py")
+    run_erc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_erc)
+    assert run_erc.parse_overrides("projection_dim=16,supcon_weight=0") == {"projection_dim": 16, "supcon_weight": 0.0}
+    with pytest.raises(MisterEError, match="'projection_dimm' is not a MisterEConfig setting; did you mean "
+                                           "'projection_dim'"):
+        run_erc.parse_overrides("projection_dimm=16")

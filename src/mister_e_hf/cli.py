@@ -82,6 +82,14 @@ def load(model_path: str):
 
     if not Path(model_path).is_dir() or not (Path(model_path) / "config.json").exists():
         raise CliError(f"{model_path}: not a saved model folder (no config.json)")
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CliError(f"{model_path}/config.json is not valid JSON ({str(error).splitlines()[0]}); the folder is "
+                       "damaged: save the model again") from None
+    if not isinstance(config, dict) or config.get("model_type") != "mister-e":
+        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise CliError(f"{model_path}: not a MiSTER-E model (its config.json has model_type {kind!r})")
     return AutoModel.from_pretrained(model_path).eval(), AutoProcessor.from_pretrained(model_path)
 
 

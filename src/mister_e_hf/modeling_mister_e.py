@@ -31,7 +31,7 @@ from .fusions import FUSIONS
 from .heads import HEADS
 from .layer_combiners import LAYER_COMBINERS, LayerWeighting
 from .outputs import MisterEOutput, ModalityFeatures
-from .processing_mister_e import receptive_field, text_positions
+from .processing_mister_e import check_backbone_path, receptive_field, text_positions
 
 
 LOSS_WEIGHTS = {
@@ -336,6 +336,7 @@ class MisterEModel(MisterEPreTrainedModel):
         for modality, path in paths.items():
             if path is None:
                 continue
+            check_backbone_path(path, modality)
             backbones[f"{modality}_backbone"] = load_backbone(path, modality, **backbone_kwargs)
             configs[f"{modality}_config"] = load_backbone_config(path, **backbone_kwargs)
             configs[f"{modality}_backbone_name_or_path"] = str(path)
@@ -363,7 +364,13 @@ class MisterEModel(MisterEPreTrainedModel):
             raise MisterEError(f"{folder}: no {SAFETENSORS_FILES[0]}; {found}. mister_e_hf loads safetensors weights "
                                "only: save the model with `save_pretrained` (or convert the weights to safetensors).")
         kwargs["use_safetensors"] = True
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:  # a torn weights file: safetensors' own error type, not an OSError
+            if type(error).__module__.split(".")[0] not in ("safetensors", "safetensors_rust"):
+                raise
+            raise MisterEError(f"{pretrained_model_name_or_path}: its weights cannot be read ({error}); the file is "
+                               "truncated or corrupted. Save the model again.") from None
         model.check_finite(f"{pretrained_model_name_or_path}")
         return model
 
@@ -456,6 +463,14 @@ class MisterEModel(MisterEPreTrainedModel):
                 unit = "samples" if waveform else "feature frames"
                 refuse(row, f"the audio is {int(lengths[row])} {unit} long, shorter than the speech backbone's "
                             f"receptive field of {minimum} {unit}: it cannot be embedded.")
+        if modality == "text" and "input_ids" in rows and rows["input_ids"].numel():
+            vocabulary = backbone.get_input_embeddings().num_embeddings
+            ids = rows["input_ids"].masked_fill(~rows["text_attention_mask"].bool(), 0) \
+                if "text_attention_mask" in rows else rows["input_ids"]
+            if (bad := ((ids < 0) | (ids >= vocabulary)).flatten(1).any(1)).any():
+                row = int(bad.nonzero()[0])
+                refuse(row, f"`input_ids` holds token ids outside the text backbone's vocabulary [0, {vocabulary}) "
+                            "(a tokenizer of another backbone?).")
         if modality == "text" and "text_attention_mask" in rows:
             lengths = rows["text_attention_mask"].long().sum(-1)
             if lengths.dim() == 1 and (empty := lengths == 0).any():
@@ -728,6 +743,8 @@ class MisterEModel(MisterEPreTrainedModel):
                 raise MisterEError("No inputs: give raw speech/text inputs or precomputed `speech_embeds`/`text_embeds`.")
             if len(shapes[0]) < 2:
                 raise MisterEError(f"Inputs must be laid out (batch, utterances, ...), got shape {tuple(shapes[0])}.")
+            if 0 in shapes[0]:
+                raise MisterEError(f"Empty batch: the inputs have shape {tuple(shapes[0])} (batch, utterances).")
             device = next(v for v in [*given_embeds.values(), *(x for g in raw.values() for x in g.values())] if v is not None).device
             return torch.ones(shapes[0], dtype=torch.bool, device=device)
         utterance_mask = utterance_mask.bool()

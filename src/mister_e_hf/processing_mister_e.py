@@ -197,6 +197,17 @@ def read_image(image, conversation: int | None = None, utterance: int | None = N
     return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
 
 
+def check_backbone_path(path, modality: str) -> None:
+    """Refuses a backbone given as a local path (absolute, `./`, `../`, `~`, or with more than one `/`: not a Hub id
+    `org/name`) that does not exist, instead of letting the Hub client read it as a malformed repository id."""
+    text = os.path.expanduser(str(path))
+    local = os.path.isabs(text) or text.startswith(".") or str(path).startswith("~") or text.count("/") > 1 \
+        or os.sep != "/" and os.sep in text
+    if local and not os.path.exists(text):
+        raise MisterEError(f"The {modality} backbone {str(path)!r} is not a folder that exists (nor a Hub id "
+                           "`organisation/name`).")
+
+
 def receptive_field(config) -> int | None:
     """The fewest input samples a speech backbone's convolutional front end turns into one output frame (e.g. 400
     for wav2vec2, HuBERT, WavLM), from its config's `conv_kernel` / `conv_stride`; None when it has none (Whisper
@@ -340,6 +351,10 @@ class MisterEProcessor(ProcessorMixin):
         from transformers import AutoConfig, AutoImageProcessor
 
         feature_extractor = tokenizer = image_processor = None
+        for modality, path in (("speech", speech_model_name_or_path), ("text", text_model_name_or_path),
+                               ("visual", visual_model_name_or_path)):
+            if path:
+                check_backbone_path(path, modality)
         if speech_model_name_or_path:
             feature_extractor = AutoFeatureExtractor.from_pretrained(speech_model_name_or_path)
             if kwargs.get("min_audio_samples") is None:
