@@ -248,3 +248,54 @@ def test_fitting_statistics_on_non_finite_embeddings_is_refused(build):
     embeds[1][2][0] = 3.0  # finite: fits
     fit_embedding_statistics(model, dataset.remove_columns("text_embeds").add_column("text_embeds", embeds))
     assert model.embedding_statistics_fitted and torch.isfinite(model.standardizers["text"].mean).all()
+
+
+def test_skip_invalid_leaves_out_inputs_refused_at_extraction_and_reports_them(setup, clean, tmp_path):
+    from mister_e_hf.data import DataReport
+
+    model, processor, test = setup
+    _, reference = clean
+    source = test[2]["audio"][0]
+    audio, rate = soundfile.read(source, dtype="float32")
+    audio[len(audio) // 2] = np.nan
+    broken = tmp_path / "nan-sample.wav"
+    soundfile.write(broken, audio, rate, subtype="FLOAT")
+    tiny = tmp_path / "tiny.wav"
+    soundfile.write(tiny, np.zeros(5, np.float32), 16000)
+    damaged = _with_turn(_with_turn(test, 2, 0, "audio", str(broken)), 0, 1, "audio", str(tiny))
+    report = DataReport()
+    cached, _ = add_cached_embeddings(model, processor, {"test": damaged}, tmp_path / "cache", batch_size=4,
+                                      skip_invalid=True, report=report)
+    rows = cached["test"]
+    assert rows[2]["speech_present"][0] == 0 and rows[0]["speech_present"][1] == 0  # kept, without their audio
+    assert rows[2]["text_present"][0] == 1 and rows[0]["text_present"][1] == 1
+    assert report.skipped["test"]["speech refused at extraction (the utterance is kept without it)"] == 2
+    examples = " ".join(report.examples["speech refused at extraction (the utterance is kept without it)"])
+    assert "nan-sample.wav" in examples and "tiny.wav" in examples and "receptive field" in examples
+    for i, row in enumerate(rows):  # every other utterance is embedded as in a clean run (other batches: fp noise)
+        for t, present in enumerate(row["speech_present"]):
+            if present:
+                np.testing.assert_allclose(row["speech_embeds"][t], reference[i]["speech_embeds"][t], atol=1e-5)
+
+    speech_only = MisterEModel.from_backbones(str(setup[0].config.speech_backbone_name_or_path), None,
+                                              freeze_speech_backbone=True, num_labels=3, projection_dim=16,
+                                              cross_attention_heads=2)
+    report = DataReport()
+    cached, _ = add_cached_embeddings(speech_only, MisterEProcessor(processor.feature_extractor,
+                                                                    min_audio_samples=processor.min_audio_samples),
+                                      {"test": damaged}, tmp_path / "cache", batch_size=4, skip_invalid=True,
+                                      report=report)
+    assert [row["num_turns"] for row in cached["test"]] == [n - (i in (0, 2)) for i, n in enumerate(test["num_turns"])]
+    assert report.skipped["test"]["no usable modality left after extraction"] == 2
+    assert cached["test"][0]["turns"] == [t for k, t in enumerate(test[0]["turns"]) if k != 1]
+
+
+def test_a_text_view_missing_from_the_data_is_named(tiny_backbones, corpus, tmp_path):
+    speech, text = tiny_backbones
+    model = MisterEModel.from_backbones(None, str(text), freeze_text_backbone=True, num_labels=3, projection_dim=16,
+                                        cross_attention_heads=2, text_views=["text", "emphasis"])
+    processor = MisterEProcessor.from_backbones(None, str(text), text_views=["text", "emphasis"])
+    datasets, _ = load_corpus("manifest", data_dir=corpus)
+    with pytest.raises(CacheError, match=r"text views \['text', 'emphasis'\], but the test split has no column "
+                                         r"\['emphasis'\]"):
+        add_cached_embeddings(model, processor, {"test": datasets["test"]}, tmp_path)

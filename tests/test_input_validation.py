@@ -454,3 +454,86 @@ def test_a_mistyped_config_override_is_refused():
     with pytest.raises(MisterEError, match="'projection_dimm' is not a MisterEConfig setting; did you mean "
                                            "'projection_dim'"):
         run_erc.parse_overrides("projection_dimm=16")
+
+
+def test_a_processor_must_prepare_what_the_model_reads(model_and_processor, build, tokenizer):
+    from helpers import feature_extractor
+
+    model, processor = model_and_processor
+    speech_only = MisterEProcessor(feature_extractor("wav2vec2"))
+    for make in (lambda: pipeline(TASK, model=model, processor=speech_only),
+                 lambda: StreamingEmotionRecognizer(model, speech_only)):
+        with pytest.raises(MisterEError, match="The processor has no tokenizer, but the model has a text backbone"):
+            make()
+    with pytest.raises(MisterEError, match="feature extractor makes `input_features`, but the speech backbone "
+                                           r"\(wav2vec2\) reads `input_values`"):
+        model.check_processor(MisterEProcessor(feature_extractor("whisper"), tokenizer))
+    whisper, _ = build("whisper", "bert")
+    from transformers import WhisperFeatureExtractor
+
+    with pytest.raises(MisterEError, match="makes 80 mel bins, the speech backbone reads 16"):
+        whisper.check_processor(MisterEProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer))
+    with pytest.raises(MisterEError, match=r"text views \['text', 'emphasis'\], the model was built for \['text'\]"):
+        model.check_processor(MisterEProcessor(feature_extractor("wav2vec2"), tokenizer, text_views=["text", "emphasis"]))
+    from helpers import speech_config
+
+    with pytest.raises(MisterEError, match=r"The text backbone \(wav2vec2\) reads `input_values`.* not a text encoder"):
+        MisterEModel(model.config.__class__(text_config=speech_config("wav2vec2"), num_labels=2))
+
+
+def test_cli_resolves_images_beside_the_file_and_refuses_odd_files_and_outputs(saved_model, tmp_path, capsys):
+    from mister_e_hf.cli import read_conversations
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "c.json").write_text(json.dumps([{"text": "hi", "image": "frame.png", "audio": " "}]))
+    ((_, _, (utterance,)),) = read_conversations(str(folder / "c.json"))
+    assert utterance["image"] == str(folder / "frame.png") and utterance["audio"] == " "
+    (folder / "bom.jsonl").write_bytes("\ufeff".encode() + json.dumps([{"text": "hi"}]).encode() + b"\n")
+    assert len(read_conversations(str(folder / "bom.jsonl"))) == 1
+    for content, message in (("5", "holds a JSON int"), ("null", "holds a JSON NoneType"),
+                             ("[" * 100000 + "]" * 100000, "nested too deeply")):
+        (folder / "odd.json").write_text(content)
+        assert cli_main(["predict", str(folder / "odd.json"), "--model", str(saved_model)]) == 1
+        assert message in capsys.readouterr().err
+    (folder / "one.json").write_text(json.dumps([{"text": "fine"}]))
+    assert cli_main(["predict", str(folder / "one.json"), "--model", str(saved_model), "-o", str(folder)]) == 1
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert cli_main(["plot-gates", str(folder / "one.json"), "--model", str(saved_model), "-o",
+                     str(tmp_path / "gates")]) == 1
+    assert "give the file a suffix" in capsys.readouterr().err
+
+
+def test_model_conventions_return_dict_half_backbones_and_config_bounds(tiny_backbones, model_and_processor):
+    from mister_e_hf import MisterEConfig
+
+    model, processor = model_and_processor
+    inputs = processor(conversations=make_conversations([2], seed=8))
+    with torch.no_grad():
+        as_tuple, as_output = model(**inputs, return_dict=False), model(**inputs)
+    assert torch.equal(as_tuple[0], as_output.logits)
+    speech, text = tiny_backbones
+    half = MisterEModel.from_backbones(str(speech), str(text), num_labels=2, backbone_kwargs={"dtype": torch.float16})
+    assert half.speech_backbone.dtype == torch.float16 and half.projections["speech"].linear.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(half.eval()(**MisterEProcessor.from_backbones(str(speech), str(text))(
+            conversations=make_conversations([2], seed=9))).logits).all()
+    for bad, message in ((dict(gate_temperature=1e-300), "at least 0.001"), (dict(initializer_range=-0.02), ">= 0"),
+                         (dict(speech_embed_layers=-1, speech_layers="concat"), "must be positive"),
+                         (dict(text_views=["text", "audio"]), "not text"),
+                         (dict(text_views=["text", "speaker"]), "speakers")):
+        with pytest.raises(Exception, match=message):
+            MisterEConfig(speech_embed_dim=8, text_embed_dim=8, num_labels=2, **bad)
+
+
+def test_pil_frames_of_16_bit_and_float_modes_keep_their_brightness():
+    from PIL import Image
+
+    from mister_e_hf.processing_mister_e import read_image
+
+    grey = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    expected = np.asarray(read_image(grey[..., None]))
+    sixteen = Image.fromarray((grey * 65535).astype(np.uint16))
+    assert sixteen.mode.startswith("I;16")
+    for frame in (sixteen, Image.fromarray(grey, mode="F")):
+        np.testing.assert_allclose(np.asarray(read_image(frame)), expected, atol=1)

@@ -45,6 +45,51 @@ def test_auto_classes_round_trip(build, tmp_path, speech, text):
     assert torch.equal(actual.loss, expected.loss)
 
 
+def assert_same_buffers(model, loaded):
+    """Every buffer, saved or not (non-persistent ones are refilled by `_init_weights`, never left uninitialised)."""
+    buffers, loaded_buffers = dict(model.named_buffers()), dict(loaded.named_buffers())
+    assert buffers.keys() == loaded_buffers.keys()
+    for name, buffer in buffers.items():
+        assert torch.equal(buffer, loaded_buffers[name]), name
+
+
+@pytest.mark.parametrize("fusion", ["mister-e", "guided-gated", "film-moe"])
+def test_a_regression_model_has_the_same_buffers_and_loss_after_loading(tmp_path, fusion):
+    config = MisterEConfig(speech_embed_dim=8, text_embed_dim=8, head="regression", id2label={0: "v", 1: "a"},
+                           ccc_weights=[1.0, 3.0], fusion=fusion, standardize_embeddings=True, projection_dim=16,
+                           cross_attention_heads=2)
+    model = MisterEModel(config).eval()
+    for modality in ("speech", "text"):
+        model.fit_embedding_statistics(modality, torch.randn(20, 8) * 3 + 1)
+    model.save_pretrained(tmp_path)
+    loaded = MisterEModel.from_pretrained(tmp_path).eval()
+    assert loaded.head.ccc_weights.tolist() == [1.0, 3.0]
+    assert_same_buffers(model, loaded)
+    speech, text, labels = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 2)
+    with torch.no_grad():
+        assert torch.equal(model(speech_embeds=speech, text_embeds=text, labels=labels).loss,
+                           loaded(speech_embeds=speech, text_embeds=text, labels=labels).loss)
+
+
+def test_weights_missing_from_or_foreign_to_the_file_are_refused(build, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mister_e_hf import MisterEError
+
+    model, _ = build("wav2vec2", "bert")
+    model.save_pretrained(tmp_path)
+    assert_same_buffers(model, MisterEModel.from_pretrained(tmp_path))
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = weights.pop("fusion.gate.net.0.weight")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MisterEError, match=r"1 weights missing .*fusion.gate.net.0.weight"):
+        MisterEModel.from_pretrained(tmp_path)
+    save_file({**weights, "fusion.gate.net.0.weight": dropped, "stray.weight": dropped.clone()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MisterEError, match=r"1 weights not part of this model: \['stray.weight'\]"):
+        AutoModel.from_pretrained(tmp_path)
+
+
 REMOTE_SCRIPT = textwrap.dedent(
     """
     import json, sys

@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 from .atomic import atomic_write_json
 from .backbones import INPUT_NAMES
-from .errors import CacheError, ConversationInputError
+from .errors import CacheError, ConversationInputError, MisterEError
 
 
 logger = logging.get_logger(__name__)
@@ -340,14 +340,17 @@ def _embed_batch(model, processor, modality: str, values: list[str]) -> np.ndarr
 
 @torch.no_grad()
 def extract_embeddings(model, processor, modality: str, utterances: list[str], batch_size: int = 16,
-                       desc: str = "", locations: list[str] | None = None) -> list[np.ndarray]:
+                       desc: str = "", locations: list[str] | None = None,
+                       refused: dict[int, str] | None = None) -> list[np.ndarray | None]:
     """Pooled backbone embeddings of utterances given by their `modality` source (texts, audio or image paths, in
     order), computed in batches of similar length (less padding); each is `(dim,)`, or `(layers, dim)` when the
     model combines the backbone's layers.
 
     An utterance the processor or the backbone refuses (`ConversationInputError`) is re-raised as one naming it: its
     file or text and `locations[i]` (where it comes from, e.g. split, conversation id and turn) instead of its
-    position in a batch. Non-finite embeddings raise `CacheError` naming the utterance the same way."""
+    position in a batch. Non-finite embeddings raise `CacheError` naming the utterance the same way. Given a
+    `refused` dict (`skip_invalid`), such an utterance is left out instead: its entry is None and `refused[i]` says
+    why; the others of its batch are embedded all the same."""
     if locations is not None and len(locations) != len(utterances):
         raise ValueError(f"`locations` must have one entry per utterance ({len(utterances)}), got {len(locations)}.")
 
@@ -363,12 +366,18 @@ def extract_embeddings(model, processor, modality: str, utterances: list[str], b
             return f"{modality} embeddings" + (f" ({locations[i]})" if locations is not None else "")
         return f"{modality} embeddings of {where(i)}"
 
+    def refuse(i: int, error: MisterEError) -> None:
+        if refused is None:
+            raise error
+        refused[i] = str(error)
+
     lengths = []
     for i, value in enumerate(utterances):
         try:
             lengths.append(_length(modality, value))
         except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors name no conversation
-            raise ConversationInputError(f"cannot read {where(i)}: {type(error).__name__}: {error}") from None
+            refuse(i, ConversationInputError(f"cannot read {where(i)}: {type(error).__name__}: {error}"))
+            lengths.append(0.0)
     order = sorted(range(len(utterances)), key=lambda i: lengths[i])
     was_training = model.training
     model.eval()
@@ -376,25 +385,33 @@ def extract_embeddings(model, processor, modality: str, utterances: list[str], b
     try:
         with tqdm(total=len(order), desc=desc or f"Extracting {modality} embeddings", unit="utt") as progress:
             for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                try:
-                    embeds = _embed_batch(model, processor, modality, [utterances[i] for i in chunk])
-                except ConversationInputError as error:  # a position in this chunk -> the utterance itself
-                    raise error.named(culprit(error, chunk)) from error
-                except Exception as error:  # not a toolkit error (a bug, a failing backbone): keep it, say where
-                    error.add_note(f"While extracting {modality} embeddings of: "
-                                   + "; ".join(where(i) for i in chunk[:4])
-                                   + (f"; and {len(chunk) - 4} more" if len(chunk) > 4 else ""))
-                    raise
-                bad = ~np.isfinite(embeds.reshape(len(chunk), -1)).all(axis=1)
-                if bad.any():
-                    others = f" and {int(bad.sum()) - 1} other utterances" if bad.sum() > 1 else ""
-                    raise CacheError(f"The {modality} backbone gave non-finite values (NaN or infinity) for "
-                                     f"{where(chunk[int(np.argmax(bad))])}{others}; refusing to cache them (nothing "
-                                     "was written). Check that input, and the backbone's weights and dtype.")
-                for i, vector in zip(chunk, embeds):
-                    vectors[i] = vector
-                progress.update(len(chunk))
+                chunk = [i for i in order[start : start + batch_size] if refused is None or i not in refused]
+                while chunk:  # under skip_invalid, an utterance refused is taken out and the rest tried again
+                    try:
+                        embeds = _embed_batch(model, processor, modality, [utterances[i] for i in chunk])
+                    except ConversationInputError as error:  # a position in this chunk -> the utterance itself
+                        named = error.named(culprit(error, chunk))
+                        if refused is None or error.conversation is None or not 0 <= error.conversation < len(chunk):
+                            raise named from error
+                        refuse(chunk.pop(error.conversation), named)
+                        continue
+                    except Exception as error:  # not a toolkit error (a bug, a failing backbone): keep it, say where
+                        error.add_note(f"While extracting {modality} embeddings of: "
+                                       + "; ".join(where(i) for i in chunk[:4])
+                                       + (f"; and {len(chunk) - 4} more" if len(chunk) > 4 else ""))
+                        raise
+                    bad = ~np.isfinite(embeds.reshape(len(chunk), -1)).all(axis=1)
+                    for position in np.flatnonzero(bad):
+                        refuse(chunk[position], CacheError(
+                            f"The {modality} backbone gave non-finite values (NaN or infinity) for "
+                            f"{where(chunk[position])}"
+                            + (f" and {int(bad.sum()) - 1} other utterances" if bad.sum() > 1 else "")
+                            + "; refusing to cache them (nothing was written). Check that input, and the backbone's "
+                            "weights and dtype."))
+                    for i, vector, ok in zip(chunk, embeds, ~bad):
+                        vectors[i] = vector if ok else None
+                    break
+                progress.update(min(batch_size, len(order) - start))
     finally:
         model.train(was_training)
     return vectors
@@ -402,14 +419,22 @@ def extract_embeddings(model, processor, modality: str, utterances: list[str], b
 
 def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: "EmbeddingCache",
                       batch_size: int = 16, stats: CacheStats | None = None, desc: str = "",
-                      weights: str | None = None, split: str | None = None) -> Dataset:
+                      weights: str | None = None, split: str | None = None, skip_invalid: bool = False,
+                      report=None) -> Dataset:
     """`<modality>_embeds` (per turn; zeros where absent) and `<modality>_present` (per turn 1/0) columns aligned with
     `dataset`'s rows, read from the cache and extracting only the utterances it lacks. Errors name the utterance by
-    its file or text, `split`, conversation id and turn."""
+    its file or text, `split`, conversation id and turn. With `skip_invalid`, an utterance whose input is refused
+    at extraction (NaN samples, too short, unreadable, a non-finite embedding) keeps its other modalities and is
+    marked as lacking this one, counted in `report` (a `DataReport`) with the reason."""
     stats = stats if stats is not None else CacheStats()
     entry = cache.entry(extraction_settings(model, processor, modality, weights))
     shape = tuple(model.config.embedding_shape(modality))
-    views = [_utterances(dataset, column) for column in _columns(model, modality)]
+    columns = _columns(model, modality)
+    absent = [c for c in columns[1:] if c not in dataset.column_names]
+    if absent:  # a text view's column: a typo, or a corpus without it, would silently embed nothing
+        raise CacheError(f"The model reads the text views {list(model.config.text_views)}, but the {split or 'data'} "
+                         f"split has no column {absent} (it has {dataset.column_names}).")
+    views = [_utterances(dataset, column) for column in columns]
 
     ids = list(dataset["conversation_id"]) if "conversation_id" in dataset.column_names else None
     turns = list(dataset["turns"]) if "turns" in dataset.column_names else None
@@ -442,18 +467,27 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
         start = time.perf_counter()
         locations = [places[0] + (f", and {len(places) - 1} more utterances with the same content" if len(places) > 1
                                   else "") for _, (_, places) in missing]
+        refused: dict[int, str] | None = {} if skip_invalid else None
         vectors = extract_embeddings(model, processor, modality, [value for _, (value, _) in missing], batch_size,
-                                     desc, locations=locations)
-        if np.shape(vectors[0]) != shape:
-            raise CacheError(f"The {modality} backbone gave embeddings of shape {np.shape(vectors[0])}, the model "
+                                     desc, locations=locations, refused=refused)
+        for position, reason in (refused or {}).items():
+            for place in missing[position][1][1]:
+                if report is not None:
+                    report.skip(split or "data", f"{modality} refused at extraction (the utterance is kept without "
+                                                 f"it)", f"{place}: {reason}")
+            logger.warning(f"skip_invalid: {reason}; kept without its {modality}.")
+        kept = [(k, vector) for (k, _), vector in zip(missing, vectors) if vector is not None]
+        if kept and np.shape(kept[0][1]) != shape:
+            raise CacheError(f"The {modality} backbone gave embeddings of shape {np.shape(kept[0][1])}, the model "
                              f"expects {shape} (`config.embedding_shape`); nothing was written.")
-        cache.append(entry, [k for k, _ in missing], vectors)
+        if kept:
+            cache.append(entry, [k for k, _ in kept], [vector for _, vector in kept])
         stats.extraction_seconds += time.perf_counter() - start
         stats.utterances_embedded += len(missing)
         index, table = cache.read(entry, shape)
-        absent = [k for k, _ in missing if k not in index]
-        if absent:  # the shard just written failed its checks (already logged and moved aside)
-            raise CacheError(f"The embedding cache entry {entry} did not keep the {len(absent)} embeddings just "
+        lost = [k for k, _ in kept if k not in index]
+        if lost:  # the shard just written failed its checks (already logged and moved aside)
+            raise CacheError(f"The embedding cache entry {entry} did not keep the {len(lost)} embeddings just "
                              "written (see the warning above); check the disk.")
     stats.shards_set_aside += len(cache.set_aside) - set_aside
     total = sum(len(view) for view in views)
@@ -461,10 +495,12 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
 
     per_view = []
     for view, view_keys in zip(views, keys):
-        found = table.select([index[k] for k in view_keys]).with_format("numpy")[:]["embedding"] if view_keys else []
+        usable = [(place, k) for place, k in zip(view, view_keys) if k in index]  # refused ones stay absent
+        rows = [index[k] for _, k in usable]
+        found = table.select(rows).with_format("numpy")[:]["embedding"] if rows else []
         embeds = [[np.zeros(shape, dtype=np.float32)] * n for n in dataset["num_turns"]]
         present = [[0] * n for n in dataset["num_turns"]]
-        for (i, t, _), vector in zip(view, found):
+        for ((i, t, _), _), vector in zip(usable, found):
             embeds[i][t], present[i][t] = vector, 1
         per_view.append((embeds, present))
     columns = {f"{modality}_embeds": per_view[0][0], f"{modality}_present": per_view[0][1]}
@@ -481,26 +517,62 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
 
 
 def add_cached_embeddings(
-    model, processor, datasets: DatasetDict, cache_dir=None, batch_size: int = 16
+    model, processor, datasets: DatasetDict, cache_dir=None, batch_size: int = 16, skip_invalid: bool = False,
+    report=None,
 ) -> tuple[DatasetDict, CacheStats]:
     """Adds `<modality>_embeds` / `<modality>_present` columns to every split, for every modality of the model, from
-    the cache or by extracting the missing utterances once. The model's backbones must be frozen."""
+    the cache or by extracting the missing utterances once. The model's backbones must be frozen.
+
+    With `skip_invalid`, inputs refused at extraction are left out and counted in `report` (a `DataReport`): the
+    utterance keeps its other modalities, and one left with none is dropped from its conversation (a conversation
+    left with no utterance is dropped)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MisterEError(f"The extraction batch size must be a positive number of utterances, got {batch_size!r}.")
+    model.check_processor(processor)
     for modality in model.config.modalities:
         if getattr(model, f"{modality}_backbone") is None:
-            raise ValueError(f"The model has no {modality} backbone to extract embeddings with.")
+            raise MisterEError(f"The model has no {modality} backbone to extract embeddings with.")
         if not getattr(model.config, f"freeze_{modality}_backbone"):
-            raise ValueError(f"Caching {modality} embeddings needs a frozen {modality} backbone.")
+            raise MisterEError(f"Caching {modality} embeddings needs a frozen {modality} backbone.")
     cache, stats = EmbeddingCache(cache_dir), CacheStats()
     digests = {m: weights_digest(getattr(model, f"{m}_backbone")) for m in model.config.modalities}
     out = {}
     for split, dataset in datasets.items():
         columns = [
             cached_embeddings(model, processor, m, dataset, cache, batch_size, stats, f"{split}: {m} embeddings",
-                              digests[m], split=split)
+                              digests[m], split=split, skip_invalid=skip_invalid, report=report)
             for m in model.config.modalities
         ]
         out[split] = concatenate_datasets([dataset, *columns], axis=1)
+        if skip_invalid:
+            out[split] = _drop_utterances_without_modality(out[split], model.config.modalities, split, report)
     return DatasetDict(out), stats
+
+
+def _drop_utterances_without_modality(dataset: Dataset, modalities, split: str, report) -> Dataset:
+    """The rows of `dataset` without the turns that have none of `modalities` present (after inputs were refused
+    at extraction under `skip_invalid`), each counted in `report`; rows left with no turn are dropped."""
+    present = [np.array(dataset[f"{m}_present"], dtype=object) for m in modalities]
+    keep = [np.any([np.asarray(p[i], dtype=bool) for p in present], axis=0) for i in range(len(dataset))]
+    if all(k.all() for k in keep):
+        return dataset
+    ids, turns = dataset["conversation_id"], dataset["turns"]
+    for i, k in enumerate(keep):
+        for t in np.flatnonzero(~k):
+            if report is not None:
+                report.skip(split, "no usable modality left after extraction",
+                            f"conversation {ids[i]!r}, turn {turns[i][t]}")
+    per_turn = [c for c in dataset.column_names
+                if isinstance(dataset[0][c], list) and len(dataset[0][c]) == dataset[0]["num_turns"]]
+
+    def drop(row, i):
+        k = keep[i]
+        row = {c: [v for v, keep_it in zip(row[c], k) if keep_it] for c in per_turn}
+        row["num_turns"] = int(k.sum())
+        return row
+
+    kept = dataset.map(drop, with_indices=True, desc=f"{split}: dropping utterances left without a modality")
+    return kept.filter(lambda row: row["num_turns"] > 0)
 
 
 def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:

@@ -23,10 +23,14 @@ class CliError(Exception):
 
 
 def _resolve(utterance: dict, folder: Path) -> dict:
-    audio = utterance.get("audio")
-    if isinstance(audio, str) and not os.path.isabs(audio):
-        utterance = {**utterance, "audio": str(folder / audio)}
-    return utterance
+    """Relative audio and image paths resolved against the conversation file's folder (blank values stay blank:
+    an absent modality)."""
+    resolved = dict(utterance)
+    for key in ("audio", "image"):
+        value = utterance.get(key)
+        if isinstance(value, str) and value.strip() and not os.path.isabs(value):
+            resolved[key] = str(folder / value)
+    return resolved
 
 
 def _conversation(value, where: str) -> tuple[str | None, list[dict]]:
@@ -51,17 +55,27 @@ def read_conversations(path: str) -> list[tuple[str, str, list[dict]]]:
     file = Path(path)
     if not file.is_file():
         raise CliError(f"{path}: no such file")
+    line = None
     try:
         if file.suffix == ".jsonl":
-            with open(file, encoding="utf-8") as f:
-                items = [(f"{path}, line {n}", json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+            items = []
+            with open(file, encoding="utf-8-sig") as f:
+                for line, text in enumerate(f, 1):
+                    if text.strip():
+                        items.append((f"{path}, line {line}", json.loads(text)))
         else:
-            value = json.loads(file.read_text(encoding="utf-8"))
+            value = json.loads(file.read_text(encoding="utf-8-sig"))
+            if not isinstance(value, (dict, list)):
+                raise CliError(f"{path}: holds a JSON {type(value).__name__}, not a conversation (a list of "
+                               "utterances, or an object with 'utterances') or a list of conversations")
             single = isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)
                                                  and "utterances" not in value[0])
             items = [(path, value)] if single else [(f"{path}, conversation {i}", v) for i, v in enumerate(value)]
     except json.JSONDecodeError as error:
-        raise CliError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        where = f"line {line}" if line is not None else f"line {error.lineno}"
+        raise CliError(f"{path}: not valid JSON ({error.msg}, {where})") from None
+    except RecursionError:
+        raise CliError(f"{path}: nested too deeply to be a conversation file") from None
     except UnicodeDecodeError as error:
         raise CliError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
                        "save it as UTF-8") from None
@@ -73,6 +87,22 @@ def read_conversations(path: str) -> list[tuple[str, str, list[dict]]]:
         conversation_id = str(conversation_id) if conversation_id is not None else str(index)
         conversations.append((position, conversation_id, [_resolve(u, file.parent) for u in utterances]))
     return conversations
+
+
+def check_output(path: str | None, plot: bool = False) -> None:
+    """Refuses, before any work, an output path that is a folder, or a plot path whose suffix is no image format."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise CliError(f"{path}: is a folder; give a file name for the output")
+    if plot:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        formats = sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+        if Path(path).suffix.lstrip(".").lower() not in formats:
+            raise CliError(f"{path}: a plot is written as one of {', '.join('.' + f for f in formats)}; give the "
+                           "file a suffix")
 
 
 def load(model_path: str):
@@ -90,7 +120,9 @@ def load(model_path: str):
     if not isinstance(config, dict) or config.get("model_type") != "mister-e":
         kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise CliError(f"{model_path}: not a MiSTER-E model (its config.json has model_type {kind!r})")
-    return AutoModel.from_pretrained(model_path).eval(), AutoProcessor.from_pretrained(model_path)
+    model, processor = AutoModel.from_pretrained(model_path).eval(), AutoProcessor.from_pretrained(model_path)
+    model.check_processor(processor)
+    return model, processor
 
 
 def _recognizer(model_path: str):
@@ -122,6 +154,7 @@ def _run(recognizer, conversations, batch_size: int, asr_model=None) -> list[lis
 
 
 def predict(args) -> None:
+    check_output(args.output)
     conversations = read_conversations(args.conversations)
     outputs = _run(_recognizer(args.model), conversations, args.batch_size, args.asr_model)
     lines = [
@@ -143,6 +176,7 @@ def evaluate(args) -> None:
     from .data import DataCollatorForConversations, load_corpus, loader_options
     from .metrics import load_erc_metric
 
+    check_output(args.output)
     model, processor = load(args.model)
     options, flags = {"data_dir": args.data_dir}, {}
     if args.label_set:
@@ -189,6 +223,7 @@ def plot_gates(args) -> None:
 
     from .plotting import plot_gate_weights_along_turns
 
+    check_output(args.output, plot=True)
     conversations = read_conversations(args.conversation)
     if len(conversations) != 1:
         raise CliError(f"{args.conversation}: plot-gates takes one conversation, found {len(conversations)}")

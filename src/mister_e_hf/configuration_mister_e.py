@@ -7,8 +7,17 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
+MIN_TEMPERATURE = 1e-3
+"""The smallest softmax temperature accepted: logits divided by less overflow float32."""
+
 MODALITIES = ("speech", "text", "visual")
 """The modalities a MiSTER-E model can hold, in the order used everywhere (inputs, experts, plots)."""
+
+
+NOT_TEXT_VIEWS = frozenset({"audio", "image", "images", "sampling_rate", "labels", "label", "turns", "turn",
+                            "conversation_id", "texts", "num_turns", "speaker", "transcribed"})
+"""Utterance keys and dataset columns that hold something other than a text view (a view named so would embed audio
+paths, label names or speaker identities as text)."""
 
 
 @strict
@@ -239,6 +248,12 @@ class MisterEConfig(PreTrainedConfig):
                 raise ValueError(f"`{modality}_layers={layers!r}` in embeddings mode needs `{modality}_embed_layers`.")
         if not self.text_views or self.text_views[0] != "text" or len(set(self.text_views)) != len(self.text_views):
             raise ValueError(f"`text_views` must start with 'text' (the transcript) and not repeat, got {self.text_views}.")
+        clashing = [v for v in self.text_views[1:] if not isinstance(v, str) or not v.strip() or v in NOT_TEXT_VIEWS
+                    or v.endswith(("_embeds", "_present", "_mask"))]
+        if clashing:
+            raise ValueError(f"`text_views` {clashing} name inputs or columns that are not text (audio, images, "
+                             f"labels, speakers, ...; reserved: {sorted(NOT_TEXT_VIEWS)}); a view is a text column "
+                             "such as `emphasis` or `description`.")
         for name, value, registry in (
             ("speech_pooling", self.speech_pooling, POOLINGS),
             ("text_pooling", self.text_pooling, {**POOLINGS, "auto": None}),
@@ -264,10 +279,15 @@ class MisterEConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
-        if self.gate_temperature <= 0 or self.supcon_temperature <= 0:
-            raise ValueError("`gate_temperature` and `supcon_temperature` must be positive.")
-        if self.distillation_temperature <= 0:
-            raise ValueError("`distillation_temperature` must be positive.")
+        for name in ("gate_temperature", "supcon_temperature", "distillation_temperature"):
+            if not getattr(self, name) >= MIN_TEMPERATURE:  # dividing by less overflows float32 logits to inf/NaN
+                raise ValueError(f"`{name}` must be at least {MIN_TEMPERATURE}, got {getattr(self, name)}.")
+        if self.initializer_range < 0:
+            raise ValueError(f"`initializer_range` must be >= 0, got {self.initializer_range}.")
+        for modality in MODALITIES:
+            layers = getattr(self, f"{modality}_embed_layers")
+            if layers is not None and layers < 1:
+                raise ValueError(f"`{modality}_embed_layers` must be positive, got {layers}.")
         for name in ("expert_loss_weight", "supcon_weight", "kl_weight", "focal_gamma", "distillation_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")

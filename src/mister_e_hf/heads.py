@@ -109,6 +109,9 @@ class RegressionHead(nn.Module):
         weights = config.ccc_weights or [1.0] * self.num_outputs
         if len(weights) != self.num_outputs:
             raise MisterEError(f"`ccc_weights` has {len(weights)} values for {self.num_outputs} dimensions.")
+        self.weights_from_config = [float(w) for w in weights]
+        # not saved (the config holds them): `MisterEPreTrainedModel._init_weights` refills it after loading, where
+        # `from_pretrained` leaves non-persistent buffers uninitialised
         self.register_buffer("ccc_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
     def mix(self, expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ Data flow for a batch of B conversations padded to U utterances:
 No speaker identity enters anywhere.
 """
 
+import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -28,7 +29,7 @@ from .backbones import resolve_text_pooling
 from .configuration_mister_e import MODALITIES, MisterEConfig
 from .errors import ConversationInputError, MisterEError
 from .fusions import FUSIONS
-from .heads import HEADS
+from .heads import HEADS, RegressionHead
 from .layer_combiners import LAYER_COMBINERS, LayerWeighting
 from .outputs import MisterEOutput, ModalityFeatures
 from .processing_mister_e import check_backbone_path, receptive_field, text_positions
@@ -45,6 +46,9 @@ LOSS_WEIGHTS = {
 
 CODE_FILES = ("modeling_mister_e.py", "processing_mister_e.py")
 """Files that `save_pretrained` copies (with their relative imports) so a checkpoint loads with remote code."""
+
+BACKBONE_INPUTS = {"speech": ("input_values", "input_features"), "text": ("input_ids",), "visual": ("pixel_values",)}
+"""What a backbone of each modality reads (its `main_input_name`)."""
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 """What a saved MiSTER-E folder holds its weights in (one file, or shards with an index)."""
@@ -90,9 +94,14 @@ class EmbeddingStandardizer(nn.Module):
     def fitted(self) -> bool:
         return bool(self.num_fitted > 0)
 
+    RELATIVE_FLOOR = 1e-4
+    """A feature whose standard deviation is below this fraction of the typical feature's is treated as constant
+    (scale 1): dividing by a near-zero spread would blow tiny differences up by orders of magnitude."""
+
     @torch.no_grad()
     def fit(self, embeds: torch.Tensor) -> None:
         """Sets the statistics from `(N, *shape)` embeddings (N >= 2)."""
+        embeds = torch.as_tensor(embeds)
         shape = tuple(self.mean.shape)
         if tuple(embeds.shape[1:]) != shape or len(embeds) < 2:
             raise MisterEError(f"Fitting embedding statistics needs at least 2 embeddings of shape {shape}, got a tensor "
@@ -102,8 +111,9 @@ class EmbeddingStandardizer(nn.Module):
                                "of the embeddings hold NaN or infinite values.")
         embeds = embeds.to(torch.float64)
         std = embeds.std(0, unbiased=False)
+        floor = max(float(std.median()) * self.RELATIVE_FLOOR, 1e-8)
         self.mean.copy_(embeds.mean(0))
-        self.std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+        self.std.copy_(torch.where(std > floor, std, torch.ones_like(std)))
         self.num_fitted.fill_(len(embeds))
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -218,6 +228,8 @@ class MisterEPreTrainedModel(PreTrainedModel):
         `_init_weights` by transformers, which skips them entirely when they hold loaded weights."""
         if isinstance(module, LayerWeighting):
             init.zeros_(module.weights)
+        elif isinstance(module, RegressionHead):
+            init.copy_(module.ccc_weights, torch.tensor(module.weights_from_config))
         elif isinstance(module, nn.GRU):
             for name, param in module.named_parameters():
                 if "weight" in name:
@@ -258,6 +270,11 @@ class MisterEModel(MisterEPreTrainedModel):
                     backbone = build_backbone(config.backbone_config(modality), modality)
             elif given[modality] is not None:
                 raise MisterEError(f"A {modality} backbone was given but the config has no `{modality}_config`.")
+            if backbone is not None and backbone.main_input_name not in BACKBONE_INPUTS[modality]:
+                raise MisterEError(
+                    f"The {modality} backbone ({backbone.config.model_type}) reads `{backbone.main_input_name}`, not "
+                    f"{' or '.join(f'`{n}`' for n in BACKBONE_INPUTS[modality])}: it is not a {modality} encoder "
+                    "(backbones given in the wrong order?).")
             setattr(self, f"{modality}_backbone", backbone)
             if backbone is not None and getattr(config, f"freeze_{modality}_backbone"):
                 backbone.requires_grad_(False)
@@ -294,7 +311,13 @@ class MisterEModel(MisterEPreTrainedModel):
         if modality not in self.standardizers:
             raise MisterEError(f"This model does not standardise {modality} embeddings (`standardize_embeddings` is "
                              f"off, or it has no {modality} modality).")
-        self.standardizers[modality].fit(embeds)
+        try:
+            self.standardizers[modality].fit(torch.as_tensor(embeds, dtype=torch.float32))
+        except MisterEError as error:
+            raise MisterEError(f"{modality} embeddings: {error}") from None
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise MisterEError(f"{modality} embeddings must be an (N, {', '.join(map(str, self.config.embedding_shape(modality)))}) "
+                               f"array of floats: {error}") from None
 
     @property
     def embedding_statistics_fitted(self) -> bool:
@@ -357,6 +380,16 @@ class MisterEModel(MisterEPreTrainedModel):
         if kwargs.get("use_safetensors") is False:
             raise MisterEError("mister_e_hf loads safetensors weights only; `use_safetensors=False` is not supported.")
         folder = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
+        if folder.is_dir() and kwargs.get("config") is None:
+            try:
+                model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+            except FileNotFoundError:
+                raise MisterEError(f"{folder}: no config.json; not a saved model folder.") from None
+            except (ValueError, UnicodeDecodeError, AttributeError) as error:
+                raise MisterEError(f"{folder}/config.json is not a valid JSON object ({error}).") from None
+            if model_type != MisterEConfig.model_type:
+                raise MisterEError(f"{folder}: not a MiSTER-E model (its config.json has model_type {model_type!r}); "
+                                   "use `MisterEModel.from_backbones` to build one around a backbone.")
         if folder.is_dir() and not any((folder / name).is_file() for name in SAFETENSORS_FILES):
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
             found = f"it holds only {', '.join(pickles)} (pickled weights, refused: loading a pickle can run code)" \
@@ -364,15 +397,56 @@ class MisterEModel(MisterEPreTrainedModel):
             raise MisterEError(f"{folder}: no {SAFETENSORS_FILES[0]}; {found}. mister_e_hf loads safetensors weights "
                                "only: save the model with `save_pretrained` (or convert the weights to safetensors).")
         kwargs["use_safetensors"] = True
+        wants_info = kwargs.pop("output_loading_info", False)
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
         except Exception as error:  # a torn weights file: safetensors' own error type, not an OSError
             if type(error).__module__.split(".")[0] not in ("safetensors", "safetensors_rust"):
                 raise
             raise MisterEError(f"{pretrained_model_name_or_path}: its weights cannot be read ({error}); the file is "
                                "truncated or corrupted. Save the model again.") from None
+        problems = {what: sorted(info.get(key) or []) for what, key in (
+            ("missing (they would be left at random initial values)", "missing_keys"),
+            ("not part of this model", "unexpected_keys"), ("of another shape", "mismatched_keys"))}
+        problems = {what: keys for what, keys in problems.items() if keys}
+        if problems:
+            described = "; ".join(f"{len(keys)} weights {what}: {[str(k) for k in keys[:5]]}"
+                                  + (" ..." if len(keys) > 5 else "") for what, keys in problems.items())
+            raise MisterEError(f"{pretrained_model_name_or_path}: the weights do not match the model its config "
+                               f"describes ({described}). The folder is damaged or mixes two models; save it again.")
         model.check_finite(f"{pretrained_model_name_or_path}")
-        return model
+        return (model, info) if wants_info else model
+
+    def check_processor(self, processor) -> None:
+        """Raises `MisterEError` unless `processor` prepares what this model reads: a part (feature extractor,
+        tokenizer, image processor) for every modality that has a backbone, the speech input the backbone takes
+        (`input_values` waveforms or `input_features` with its number of mel bins), and the model's text views in
+        its order. Without this, a processor lacking the tokenizer would silently give speech-only predictions."""
+        parts = {"speech": "feature extractor", "text": "tokenizer", "visual": "image processor"}
+        have = set(getattr(processor, "modalities", ()))
+        for modality in self.config.modalities:
+            if getattr(self, f"{modality}_backbone") is not None and modality not in have:
+                raise MisterEError(f"The processor has no {parts[modality]}, but the model has a {modality} backbone: "
+                                   f"its {modality} inputs would be silently missing. Load the processor saved with "
+                                   "the model (`AutoProcessor.from_pretrained(folder)`), or build it with "
+                                   "`MisterEProcessor.from_backbones` from the same backbones.")
+        backbone = self.speech_backbone
+        extractor = getattr(processor, "feature_extractor", None)
+        if backbone is not None and extractor is not None:
+            given = extractor.model_input_names[0]
+            if given != backbone.main_input_name:
+                raise MisterEError(f"The processor's feature extractor makes `{given}`, but the speech backbone "
+                                   f"({backbone.config.model_type}) reads `{backbone.main_input_name}`: they come "
+                                   "from different backbones.")
+            mels = getattr(backbone.config, "num_mel_bins", None)
+            if given == "input_features" and mels is not None and getattr(extractor, "feature_size", mels) != mels:
+                raise MisterEError(f"The processor makes {extractor.feature_size} mel bins, the speech backbone "
+                                   f"reads {mels}: they come from different backbones.")
+        views = list(getattr(processor, "text_views", ["text"]))
+        if "text" in self.config.modalities and views != list(self.config.text_views):
+            raise MisterEError(f"The processor reads the text views {views}, the model was built for "
+                               f"{list(self.config.text_views)} (same names, same order).")
 
     def check_finite(self, where: str = "the model") -> None:
         """Raises `MisterEError` naming the first parameter or buffer that holds NaN or infinite values."""
@@ -437,8 +511,9 @@ class MisterEModel(MisterEPreTrainedModel):
         with self._backbone_context(modality):
             pooled = ENCODERS[modality](backbone, rows, self.poolings[modality], self.config.backbone_chunk_size,
                                         self.config.embed_layers(modality) is not None)
-        embeds = pooled.new_zeros(*mask.shape, *pooled.shape[1:])
-        embeds[selected] = pooled
+        head_dtype = self.projections[modality].linear.weight.dtype  # a half-precision backbone feeds a float32 head
+        embeds = pooled.new_zeros(*mask.shape, *pooled.shape[1:], dtype=head_dtype)
+        embeds[selected] = pooled.to(head_dtype)
         return embeds
 
     @staticmethod
@@ -481,7 +556,8 @@ class MisterEModel(MisterEPreTrainedModel):
                                       else lengths > limit).any():
                 row = int(long.nonzero()[0])
                 refuse(row, f"the text has {int(lengths[row].max())} tokens, more than the text backbone's {limit} "
-                            "positions; the processor truncates to it (set its `max_text_length`).")
+                            f"positions. Give the processor `max_text_length={limit}` (`MisterEProcessor."
+                            "from_backbones` sets it), and it truncates longer texts with a warning.")
 
     def _modality_inputs(self, modality, raw, embeds, mask, utterance_mask):
         """(embeddings `(B, U, [views,] [layers,] D)`, mask `(B, U)`) of one modality, from precomputed embeddings,
@@ -527,7 +603,8 @@ class MisterEModel(MisterEPreTrainedModel):
         text_view_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         conversation_state: dict | None = None,
-    ) -> MisterEOutput:
+        return_dict: bool | None = None,
+    ) -> MisterEOutput | tuple:
         r"""
         Args:
             input_values (`(batch, utterances, samples)`): raw waveforms, for `input_values` speech backbones.
@@ -552,9 +629,10 @@ class MisterEModel(MisterEPreTrainedModel):
                 first utterance, then the one returned as `outputs.conversation_state`) carries what the context
                 layers and the cross-modal expert keep of the earlier utterances, so none is recomputed. The outputs
                 equal those of a forward over the whole conversation so far, at its last utterance.
+            return_dict (`bool`, *optional*): False returns `MisterEOutput.to_tuple()` (its set fields, in order).
 
         Returns:
-            [`MisterEOutput`].
+            [`MisterEOutput`], or a tuple with `return_dict=False`.
         """
         inputs = self._coerce_inputs({
             "input_values": input_values, "input_features": input_features,
@@ -598,7 +676,7 @@ class MisterEModel(MisterEPreTrainedModel):
                 component * (1.0 if LOSS_WEIGHTS[name] is None else getattr(self.config, LOSS_WEIGHTS[name]))
                 for name, component in components.items()
             )
-        return MisterEOutput(
+        output = MisterEOutput(
             loss=loss,
             logits=logits,
             expert_logits=fused.expert_outputs,
@@ -608,6 +686,7 @@ class MisterEModel(MisterEPreTrainedModel):
             conversation_state=conversation_state,
             **components,
         )
+        return output if return_dict is not False else output.to_tuple()
 
     def _features(self, raw, given_embeds, given_masks, utterance_mask, context_state=None, view_mask=None):
         """Each modality's `ModalityFeatures`: embeddings (given, or from the backbone), layers combined, text views

@@ -13,11 +13,13 @@ Input: one conversation (a list of `{"audio": path | array, "sampling_rate": ...
 Utterances without text can be transcribed first by any transformers speech-recognition model (`asr_model=`).
 """
 
+import os
+
 import torch
 from transformers import Pipeline
 
 from .errors import ConversationInputError, MisterEError
-from .processing_mister_e import is_blank, read_audio, resample
+from .processing_mister_e import check_backbone_path, is_blank, read_audio, resample
 
 
 class ConversationalEmotionRecognitionPipeline(Pipeline):
@@ -36,6 +38,10 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise MisterEError("The conversational-emotion-recognition pipeline needs the model's MisterEProcessor "
+                               "(saved beside it, or `processor=`).")
+        self.model.check_processor(self.processor)
         self._asr = {}
 
     def _sanitize_parameters(self, asr_model=None, **kwargs):
@@ -77,13 +83,20 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
 
     # -------------------------------------------------------------------------------------------- stages
     def _transcriber(self, asr_model):
-        if not isinstance(asr_model, str):
-            return asr_model  # already a pipeline
-        if asr_model not in self._asr:
-            from transformers import pipeline
+        """A speech-recognition pipeline from a model id or folder (loaded once), or the one given. Clips longer than
+        the ASR model's window are transcribed in 30-s chunks."""
+        from transformers import AutomaticSpeechRecognitionPipeline, pipeline
 
-            self._asr[asr_model] = pipeline("automatic-speech-recognition", model=asr_model, device=self.device)
-        return self._asr[asr_model]
+        if isinstance(asr_model, AutomaticSpeechRecognitionPipeline):
+            return asr_model
+        if not isinstance(asr_model, (str, os.PathLike)):
+            raise MisterEError(f"`asr_model` must be a speech-recognition model id or folder, or an "
+                               f"automatic-speech-recognition pipeline; got {type(asr_model).__name__}.")
+        key = str(asr_model)
+        if key not in self._asr:
+            check_backbone_path(key, "speech-recognition")
+            self._asr[key] = pipeline("automatic-speech-recognition", model=key, device=self.device)
+        return self._asr[key]
 
     def _fill_transcripts(self, conversations, asr_model):
         """Copies of the conversations where each utterance with audio but no text gets the ASR transcript (other
@@ -106,7 +119,8 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
                     transcriber = self._transcriber(asr_model)
                     target = transcriber.feature_extractor.sampling_rate  # resampled here: no torchaudio needed
                     samples = resample(samples, rate, target)
-                    utterance["text"] = transcriber({"raw": samples, "sampling_rate": target})["text"].strip()
+                    utterance["text"] = transcriber({"raw": samples, "sampling_rate": target},
+                                                    chunk_length_s=30)["text"].strip()
                     utterance["transcribed"] = True
                 utterances.append(utterance)
             filled.append(utterances)

@@ -46,9 +46,10 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 MIN_SAMPLING_RATE, MAX_SAMPLING_RATE = 4_000, 384_000
 """Plausible sampling rates in Hz: below 4 kHz no speech band survives; above 384 kHz no audio format goes."""
 
-MAX_FLOAT_PEAK = 100.0
-"""Float samples are expected in [-1, 1] (what soundfile, librosa and datasets give); a peak above this is integer
-PCM stored as floats, refused rather than fed to the backbone unscaled."""
+MAX_FLOAT_PEAK = 16.0
+"""Float samples are expected in [-1, 1] (what soundfile, librosa and datasets give; a z-normalised signal stays
+within about +-10). A peak above 16 (24 dB over full scale) is no recording but integer PCM stored as floats (any
+audible int16 recording peaks in the hundreds or more), refused rather than fed to the backbone unscaled."""
 
 
 def is_blank(value) -> bool:
@@ -121,6 +122,10 @@ def read_audio(audio, sampling_rate=None, conversation: int | None = None, utter
         except Exception as error:
             raise ConversationInputError(f"cannot decode audio file {str(path)!r}: {error}", b, u) from None
         audio = audio.mean(axis=1)  # files may be stereo: mix down to mono
+        if sampling_rate is not None and (isinstance(sampling_rate, bool) or not isinstance(
+                sampling_rate, (int, float, np.integer, np.floating))):
+            raise ConversationInputError(f"{source}`sampling_rate` must be a number of Hz (or left out for a file), "
+                                         f"got {_describe(sampling_rate)}.", b, u)
         if sampling_rate is not None and sampling_rate != file_rate:
             raise ConversationInputError(
                 f"{source}`sampling_rate`={sampling_rate} disagrees with the file's {file_rate} Hz.", b, u
@@ -147,8 +152,9 @@ def read_audio(audio, sampling_rate=None, conversation: int | None = None, utter
     peak = float(np.abs(audio).max())
     if peak > MAX_FLOAT_PEAK:
         raise ConversationInputError(
-            f"{source}float audio samples must lie in [-1, 1], but these peak at {peak:.0f}: integer PCM stored as "
-            "floats? Give the integer array itself (it is scaled), or divide by 32768.", b, u)
+            f"{source}float audio samples must lie in [-1, 1], but these peak at {peak:.4g} (more than "
+            f"{MAX_FLOAT_PEAK:g}): integer PCM stored as floats? Give the integer array itself (it is scaled), or "
+            "divide by 32768.", b, u)
     if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.integer, np.floating)):
         raise ConversationInputError(f"audio needs its `sampling_rate` in Hz, got {sampling_rate!r}.", b, u)
     if not float(sampling_rate).is_integer() or not MIN_SAMPLING_RATE <= sampling_rate <= MAX_SAMPLING_RATE:
@@ -175,7 +181,16 @@ def read_image(image, conversation: int | None = None, utterance: int | None = N
         except Exception as error:
             raise ConversationInputError(f"cannot decode image file {str(image)!r}: {error}", b, u) from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit and float frames: PIL's RGB clips them
+            image = np.asarray(image)
+            image = image[..., None] if image.ndim == 2 else image
+            if np.issubdtype(image.dtype, np.integer) and image.size and image.max() > 255:
+                if image.max() > 65535:
+                    raise ConversationInputError(f"a {image.dtype} image with values up to {image.max()} has no "
+                                                 "known range; give 8- or 16-bit pixels", b, u)
+                image = image.astype(np.float64) / 257.0  # 16-bit to 8-bit, as PIL does for I;16 PNGs it can read
+        else:
+            return image.convert("RGB")
     if not isinstance(image, np.ndarray):
         raise ConversationInputError(f"an image must be a file path, a PIL image or an (H, W, C) array, got "
                                      f"{type(image).__name__}", b, u)
@@ -321,6 +336,8 @@ class MisterEProcessor(ProcessorMixin):
         for name, value in (("max_text_length", max_text_length), ("min_audio_samples", min_audio_samples)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise MisterEError(f"`{name}` must be a positive number of tokens/samples or None, got {value!r}.")
+        if not isinstance(truncate_long_audio, (bool, np.bool_)):
+            raise MisterEError(f"`truncate_long_audio` must be True or False, got {truncate_long_audio!r}.")
         if max_audio_seconds is not None and (isinstance(max_audio_seconds, bool) or
                                               not isinstance(max_audio_seconds, (int, float)) or
                                               not 0 < max_audio_seconds < float("inf")):
@@ -362,8 +379,10 @@ class MisterEProcessor(ProcessorMixin):
         if text_model_name_or_path:
             tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path)
             positions = text_positions(AutoConfig.from_pretrained(text_model_name_or_path))
-            if positions is not None and _tokenizer_limit(tokenizer) is None:
-                kwargs["max_text_length"] = min(kwargs.get("max_text_length") or positions, positions)
+            if positions is not None and _tokenizer_limit(tokenizer) is None and isinstance(
+                    kwargs.get("max_text_length", positions), int):
+                given = kwargs.get("max_text_length")
+                kwargs["max_text_length"] = positions if given is None else min(given, positions)
         if visual_model_name_or_path:
             image_processor = AutoImageProcessor.from_pretrained(visual_model_name_or_path)
         return cls(feature_extractor=feature_extractor, tokenizer=tokenizer, image_processor=image_processor, **kwargs)
@@ -497,6 +516,8 @@ class MisterEProcessor(ProcessorMixin):
         """
         if kwargs:
             raise MisterEError(f"Unexpected arguments {sorted(kwargs)}; pass `conversations=[[utterance, ...], ...]`.")
+        if isinstance(modalities, str):
+            modalities = [modalities]
         if modalities is not None:
             unknown = sorted(set(modalities) - set(MODALITY_KEYS))
             if unknown:

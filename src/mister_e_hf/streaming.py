@@ -44,6 +44,7 @@ class StreamingEmotionRecognizer:
     """
 
     def __init__(self, model, processor):
+        model.check_processor(processor)
         if model.config.context_bidirectional:
             raise MisterEError(
                 "Streaming needs a causal model (each utterance sees only the past): train or load one with "

@@ -57,6 +57,10 @@ class DataCollatorForConversations:
             if self.processor is None:
                 raise MisterEError("Rows without cached embeddings need a processor to collate raw audio and text.")
             views = [v for v in getattr(self.processor, "text_views", ["text"]) if v != "text"]
+            absent = [v for v in views if v not in rows[0]]
+            if absent:
+                raise MisterEError(f"The processor reads the text views {self.processor.text_views}, but the rows "
+                                   f"have no column {absent} (they have {sorted(rows[0])}).")
             conversations = [
                 [
                     {"text": text, "audio": audio, "image": image, **{v: row[v][t] for v in views if v in row}}
