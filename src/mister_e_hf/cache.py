@@ -583,10 +583,10 @@ def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
     counts = {}
     for modality, standardizer in model.standardizers.items():
         column, present_column = f"{modality}_embeds", f"{modality}_present"
-        if column not in dataset.column_names:
-            raise ValueError(
+        if column not in dataset.column_names or present_column not in dataset.column_names:
+            raise CacheError(
                 f"`standardize_embeddings` fits on the training set's cached embeddings, but it has no `{column}` "
-                "column: train with frozen backbones on `add_cached_embeddings`'s output, or call "
+                f"and `{present_column}` columns: train with frozen backbones on `add_cached_embeddings`'s output, or call "
                 "`model.fit_embedding_statistics` with embeddings of your own.")
         view_column = f"{modality}_view_present" if f"{modality}_view_present" in dataset.column_names else None
         shape = tuple(standardizer.mean.shape)
@@ -605,6 +605,9 @@ def fit_embedding_statistics(model, dataset: Dataset) -> dict[str, int]:
             embeds = embeds[present]
             if view_column:  # (turns, views, ...) -> the views that exist
                 embeds = embeds[np.asarray(row[view_column], dtype=bool)[present]]
+            if embeds.size and embeds.shape[-len(shape):] != shape:
+                raise CacheError(f"The {modality} embeddings of the training set have shape {embeds.shape[1:]}, the "
+                                 f"model standardises {shape}: they were cached for another model setting.")
             rows.append(embeds.reshape(-1, *shape))
         embeds = torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, *shape)
         model.fit_embedding_statistics(modality, embeds)
