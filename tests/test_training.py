@@ -197,7 +197,7 @@ def test_standardized_embeddings_are_fitted_on_the_training_cache_and_saved(tiny
     batch = collator([datasets["test"][i] for i in range(2)])
     with pytest.raises(ValueError, match="speech statistics were never fitted"):
         model(**batch)
-    with pytest.raises(ValueError, match="no `speech_embeds` column"):
+    with pytest.raises(ValueError, match="no `speech_embeds` and `speech_present` columns"):
         fit_embedding_statistics(model, datasets["train"].remove_columns(["speech_embeds"]))
 
     # MisterETrainer fits the statistics on the training set's embeddings before it trains
