@@ -229,6 +229,7 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     source = tmp_path / "source"
     source.mkdir()
     (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"")
     writers = {
         "train_results.json": lambda: trainer.save_metrics("train", {"train_loss": 1.0}, combined=False),
         "trainer_state.json": trainer.save_state,

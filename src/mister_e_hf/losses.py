@@ -83,12 +83,15 @@ def concordance_correlation(predictions: torch.Tensor, references: torch.Tensor)
 
         CCC = 2 cov(p, r) / (var(p) + var(r) + (mean(p) - mean(r)) ** 2)
 
-    1 when both are the same constant (the formula's 0 / 0)."""
+    When both are the same constant (the formula's 0 / 0) it is 1: perfect agreement. A NaN or infinite value in
+    either input makes it NaN (never a score), so a loss built on it is non-finite and training stops by name."""
     mean_p, mean_r = predictions.mean(), references.mean()
     cov = ((predictions - mean_p) * (references - mean_r)).mean()
     denominator = ((predictions - mean_p) ** 2).mean() + ((references - mean_r) ** 2).mean() + (mean_p - mean_r) ** 2
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator > 0, 2 * cov / safe, torch.ones_like(denominator))
+    # `== 0`, not `> 0`: a NaN denominator must give NaN, not the constant case's 1.
+    constant = denominator == 0
+    safe = torch.where(constant, torch.ones_like(denominator), denominator)
+    return torch.where(constant, torch.ones_like(denominator), 2 * cov / safe)
 
 
 def ccc_loss(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,

@@ -1,73 +1,191 @@
-"""Plots users of ERC models expect: confusion matrices and the experts' gate weights. Each is drawn into a temporary
-file beside its destination and moved into place (`atomic.atomic_output`), so a kill never leaves a torn image."""
+"""Plots users of ERC models expect: confusion matrices and the experts' gate weights.
+
+Each figure is a `matplotlib.figure.Figure` drawn on its own Agg canvas, so plotting never touches the user's
+matplotlib backend nor pyplot's figure list. It is written to a temporary file beside its destination and moved into
+place (`atomic.atomic_output`), so a kill never leaves a torn image. Inputs are checked first: a shape that does not
+match the names, a non-finite or out-of-range value, or nothing to draw is a `MisterEError` saying what is wrong. A
+split without any labelled utterance gives an explicit "no labelled utterance" figure, not an empty or invented one.
+"""
 
 import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .atomic import atomic_output
+from .errors import MisterEError
 
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .atomic import atomic_output  # noqa: E402
+TOLERANCE = 1e-4
+"""How far outside [0, 1] a gate weight may lie (rounding) before it is refused."""
 
 
-def _save(fig, path) -> None:
-    """`fig.savefig(path)` through a temporary file of the same suffix; the format is the path's suffix (or
-    matplotlib's default when it has none), as `savefig(path)` would choose."""
-    suffix = Path(path).suffix.lstrip(".")
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _format(path) -> str:
+    """The image format of `path`'s suffix (matplotlib's default when it has none), or a `MisterEError` listing the
+    formats matplotlib writes."""
+    suffix = Path(path).suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix not in supported:
+        raise MisterEError(f"{path}: cannot write a {suffix!r} image; use one of {', '.join(sorted(supported))}.")
+    return suffix
+
+
+def _save(figure: Figure, path, image_format: str) -> None:
+    """`figure.savefig(path)` through a temporary file of the same suffix."""
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=120, format=image_format)
+
+
+def _names(names, what: str) -> list[str]:
+    if isinstance(names, (str, bytes)) or names is None:
+        raise MisterEError(f"`{what}` must be a list of names, got {names!r}.")
+    names = [str(name) for name in names]
+    if not names:
+        raise MisterEError(f"`{what}` is empty: nothing to plot.")
+    return names
+
+
+def _array(values, what: str) -> np.ndarray:
     try:
-        with atomic_output(path) as temporary:
-            fig.savefig(temporary, dpi=120, format=suffix or matplotlib.rcParams["savefig.format"])
-    finally:
-        plt.close(fig)
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MisterEError(f"`{what}` must be numbers in a regular array, got {str(values)[:80]}.") from None
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise MisterEError(f"`{what}` holds {int(bad.sum())} non-finite value(s) (NaN or infinity), the first at "
+                           f"{tuple(int(i) for i in np.argwhere(bad)[0])}.")
+    return array
+
+
+def _gates(gates, expert_names: list[str], what: str = "gates") -> np.ndarray:
+    """`gates` as a `(N, E)` array of weights in [0, 1], E = `len(expert_names)`."""
+    gates = _array(gates, what)
+    if gates.ndim != 2 or gates.shape[1] != len(expert_names):
+        raise MisterEError(f"`{what}` must be (utterances, experts) = (N, {len(expert_names)}) for the experts "
+                           f"{expert_names}, got shape {gates.shape}.")
+    if gates.size and (gates.min() < -TOLERANCE or gates.max() > 1 + TOLERANCE):
+        raise MisterEError(f"`{what}` must be weights in [0, 1], got values in [{gates.min():.4g}, {gates.max():.4g}].")
+    return gates
+
+
+def _no_data(ax, title: str, message: str) -> None:
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_confusion_matrix(matrix, label_names, path: str | os.PathLike, title: str = "Confusion matrix") -> None:
-    """Row-normalised confusion matrix (rows = true class) with the counts written in each cell."""
-    matrix = np.asarray(matrix, dtype=float)
+    """Row-normalised confusion matrix (rows = true class) with the counts written in each cell.
+
+    Args:
+        matrix: `(K, K)` non-negative counts, `[true][predicted]`.
+        label_names: the K class names, in id order.
+        path: the image file; its suffix gives the format.
+        title: the figure's title; a matrix of zeros (no labelled utterance) says so below it.
+    """
+    label_names = _names(label_names, "label_names")
+    image_format = _format(path)
+    matrix = _array(matrix, "matrix")
+    k = len(label_names)
+    if matrix.shape != (k, k):
+        raise MisterEError(f"`matrix` must be ({k}, {k}) for the {k} label names {label_names}, got shape "
+                           f"{matrix.shape}.")
+    if (matrix < 0).any() or (matrix != np.round(matrix)).any():
+        raise MisterEError("`matrix` must hold counts (non-negative whole numbers).")
     normalised = matrix / np.clip(matrix.sum(1, keepdims=True), 1, None)
-    size = max(4.0, 0.7 * len(label_names) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    size = max(4.0, 0.7 * k + 2)
+    figure = _figure(size + 1, size)
+    ax = figure.subplots()
     image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(label_names)), label_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(label_names)), label_names)
+    ax.set_xticks(range(k), label_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), label_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(len(label_names)):
-        for j in range(len(label_names)):
+    ax.set_title(title if matrix.sum() else f"{title}\n(no labelled utterance)")
+    for i in range(k):
+        for j in range(k):
             ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center",
                     color="white" if normalised[i, j] > 0.5 else "black", fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    fig.tight_layout()
-    _save(fig, path)
+    figure.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    figure.tight_layout()
+    _save(figure, path, image_format)
 
 
 def plot_gate_weights_by_class(gates, true_ids, label_names, expert_names, path, title="Mean gate weight by class"):
-    """Mean gate weight of each expert over the utterances of each true class (grouped bars)."""
-    gates, true_ids = np.asarray(gates), np.asarray(true_ids)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(label_names) + 2), 3.6))
+    """Mean gate weight of each expert over the utterances of each true class (grouped bars). A class without any
+    utterance gets no bars and is marked "no utterance" (not a mean of 0); with no utterance at all the figure says so.
+
+    Args:
+        gates: `(N, E)` gate weights of N labelled utterances over the E experts.
+        true_ids: `(N,)` their true class ids, in `range(len(label_names))`.
+        label_names: the class names, in id order.
+        expert_names: the E expert names.
+        path: the image file; its suffix gives the format.
+    """
+    label_names = _names(label_names, "label_names")
+    expert_names = _names(expert_names, "expert_names")
+    image_format = _format(path)
+    gates = _gates(gates, expert_names)
+    true_ids = _array(true_ids, "true_ids")
+    if true_ids.shape != (len(gates),):
+        raise MisterEError(f"`true_ids` must hold one class id per utterance of `gates` ({len(gates)}), got shape "
+                           f"{true_ids.shape}.")
+    outside = (true_ids < 0) | (true_ids >= len(label_names)) | (true_ids != np.round(true_ids))
+    if outside.any():
+        raise MisterEError(f"`true_ids` must be class ids in range(0, {len(label_names)}) for {label_names}, got "
+                           f"{true_ids[outside][:5].tolist()}.")
+    figure = _figure(max(5.0, 0.9 * len(label_names) + 2), 3.6)
+    ax = figure.subplots()
+    if not len(gates):
+        _no_data(ax, title, "no labelled utterance")
+        _save(figure, path, image_format)
+        return
     width = 0.8 / len(expert_names)
+    counts = np.array([(true_ids == c).sum() for c in range(len(label_names))])
     for e, name in enumerate(expert_names):
-        means = [gates[true_ids == c, e].mean() if (true_ids == c).any() else 0.0 for c in range(len(label_names))]
+        means = [gates[true_ids == c, e].mean() if counts[c] else np.nan for c in range(len(label_names))]
         ax.bar(np.arange(len(label_names)) + (e - (len(expert_names) - 1) / 2) * width, means, width, label=name)
+    for c in np.flatnonzero(counts == 0):
+        ax.text(c, 0.02, "no utterance", ha="center", va="bottom", fontsize=8, color="grey")
     ax.set_xticks(range(len(label_names)), label_names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("gate weight")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    figure.tight_layout()
+    _save(figure, path, image_format)
 
 
 def plot_gate_weights_along_turns(gates, expert_names, path, labels=None, title="Experts' weights along the turns"):
-    """Stacked gate weights per turn of one conversation; `labels` (predicted emotion per turn) label the x axis."""
-    gates = np.asarray(gates)
+    """Stacked gate weights per turn of one conversation.
+
+    Args:
+        gates: `(T, E)` gate weights of the conversation's T turns (at least one) over the E experts.
+        expert_names: the E expert names.
+        path: the image file; its suffix gives the format.
+        labels: T strings for the x axis (e.g. the predicted emotion per turn), or None for the turn numbers.
+    """
+    expert_names = _names(expert_names, "expert_names")
+    image_format = _format(path)
+    gates = _gates(gates, expert_names)
+    if not len(gates):
+        raise MisterEError("`gates` has no turn: a conversation to plot has at least one.")
+    if labels is not None:
+        if isinstance(labels, (str, bytes)) or len(labels) != len(gates):
+            raise MisterEError(f"`labels` must give one label per turn ({len(gates)}), got {labels!r}.")
+        labels = [str(label) for label in labels]
     turns = np.arange(len(gates))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(gates) + 2), 3.4))
+    figure = _figure(max(5.0, 0.45 * len(gates) + 2), 3.4)
+    ax = figure.subplots()
     bottom = np.zeros(len(gates))
     for e, name in enumerate(expert_names):
         ax.bar(turns, gates[:, e], bottom=bottom, label=name)
@@ -79,8 +197,8 @@ def plot_gate_weights_along_turns(gates, expert_names, path, labels=None, title=
     ax.set_ylabel("gate weight")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    _save(fig, path)
+    figure.tight_layout()
+    _save(figure, path, image_format)
 
 
 __all__ = ["plot_confusion_matrix", "plot_gate_weights_by_class", "plot_gate_weights_along_turns"]

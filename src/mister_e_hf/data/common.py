@@ -7,11 +7,19 @@ conversation (turns in order; gaps in the turn numbers are allowed and recorded)
 source rows) are left out instead and counted, with the reason, in a `DataReport`, which `run_erc.py` writes next to
 the model. Nothing is dropped silently. `read_csv` and `read_text` are the one way loaders read their text files:
 UTF-8 (a byte-order mark ignored), every CSV row with as many fields as the header.
+
+Labels are compared exactly. A label set inferred from the data (`infer_label_names`) refuses labels that would make
+classes nobody meant: spellings of one label that differ only by case, Unicode form or invisible characters,
+invisible characters at either end, and missing-value markers (`MISSING_MARKERS`: `null`, `NaN`, `N/A`, ...; an
+unlabelled utterance has an empty label). An explicit label set is the escape hatch: a corpus whose class really is
+`none` lists it. Invisible characters are never stripped from a label (with an explicit set, a label that differs
+from a name only by them is an unknown label, and the error says which name it resembles).
 """
 
 import csv
 import io
 import os
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +41,19 @@ MAX_LISTED = 20
 RESERVED_COLUMNS = ("conversation_id", "turns", "texts", "audio", "images", "labels", "num_turns", "turn", "text",
                     "image", "label", "_line")
 """Names a metadata column cannot take: they are the conversation schema's own columns or an utterance record's keys."""
+
+RESERVED_SUFFIXES = ("_embeds", "_present", "_mask")
+"""Endings a metadata column name cannot have: the embedding cache adds `<modality>_embeds`, `<modality>_present`
+and `<modality>_view_present` columns, and the collator reads any such column as cached embeddings (`*_mask` names
+model inputs)."""
+
+MISSING_MARKERS = frozenset({"null", "nan", "na", "n/a", "#n/a", "<na>", "none", "missing", "nil", "-", "?"})
+"""Label values (compared without case) that spreadsheets and dataframes write for a missing value: refused as
+classes unless an explicit label set lists them."""
+
+CSV_FIELD_LIMIT = 2**31 - 1
+"""The `csv` module's field-size limit while reading a corpus: its default (131072 characters) would report a long
+transcript as broken quoting."""
 
 
 @dataclass
@@ -156,6 +177,7 @@ def read_csv(
     text = read_text(require_file(path, layout))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header, rows, previous, skipped = None, [], 0, 0
+    limit = csv.field_size_limit(CSV_FIELD_LIMIT)  # the file is in memory already: any field length is fine
     try:
         for fields in reader:
             line, previous = previous + 1, reader.line_num
@@ -174,8 +196,13 @@ def read_csv(
                 continue
             rows.append((line, dict(zip(header, fields))))
     except csv.Error as error:
+        if "field limit" in str(error):
+            raise CorpusError(f"{path}, line {previous + 1}: a field is longer than {CSV_FIELD_LIMIT} characters") \
+                from None
         raise CorpusError(f"{path}, line {previous + 1}: broken CSV quoting ({error}); a value that starts with a "
                           'double quote must end with one, and a quote inside it is doubled ("")') from None
+    finally:
+        csv.field_size_limit(limit)
     if header is None:
         raise CorpusError(f"{path} is empty (no header line). Expected:\n{layout}")
     if not rows and not skipped:
@@ -197,19 +224,123 @@ def _check_header(path: Path, header: list[str], required: tuple[str, ...], layo
 
 def check_label_names(label_names, source: str = "") -> list[str]:
     """`label_names` as a list, or a `CorpusError` if it is empty or holds a non-string, a blank name, a name with
-    surrounding spaces or a duplicate (each would make a class that no label matches, or two ids for one class)."""
+    surrounding spaces or invisible characters, or a duplicate (each would make a class that no label matches, or two
+    ids for one class). Names that differ only by case are allowed here: an explicit label set says what it means."""
     where = f" ({source})" if source else ""
-    if isinstance(label_names, str) or not label_names:
+    if isinstance(label_names, (str, bytes, dict)) or not label_names:
         raise CorpusError(f"label_names{where} must be a non-empty list of names, got {label_names!r}")
     label_names = list(label_names)
-    bad = [name for name in label_names if not isinstance(name, str) or not name.strip() or name != name.strip()]
+    bad = [name for name in label_names if not isinstance(name, str) or not name.strip() or name != _trim(name)]
     if bad:
         raise CorpusError(f"label_names{where} holds {bad!r}: every name is a non-empty string without surrounding "
-                          f"spaces (got {label_names!r})")
+                          f"spaces or invisible characters (got {label_names!r})")
     duplicated = sorted(name for name, n in Counter(label_names).items() if n > 1)
     if duplicated:
         raise CorpusError(f"label_names{where} holds {duplicated} more than once (got {label_names!r})")
     return label_names
+
+
+def _invisible(character: str) -> bool:
+    """Zero-width and other format characters (U+200B, U+200C, U+200D, U+2060, U+FEFF, U+00AD, ...)."""
+    return unicodedata.category(character) == "Cf"
+
+
+def _trim(name: str) -> str:
+    """`name` without surrounding whitespace (NBSP included) and invisible characters."""
+    start, end = 0, len(name)
+    while start < end and (name[start].isspace() or _invisible(name[start])):
+        start += 1
+    while end > start and (name[end - 1].isspace() or _invisible(name[end - 1])):
+        end -= 1
+    return name[start:end]
+
+
+def label_key(name: str) -> str:
+    """What two spellings of one label share: NFKC form, invisible characters removed, stripped, case-folded."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if not _invisible(c))
+    return visible.strip().casefold()
+
+
+def _twins(names) -> list[list[str]]:
+    """Groups of distinct names with the same `label_key`."""
+    groups = defaultdict(set)
+    for name in names:
+        groups[label_key(name)].add(name)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
+
+
+def is_missing_marker(label: str) -> bool:
+    """True for a label that spreadsheets and dataframes write for a missing value (`MISSING_MARKERS`)."""
+    return label_key(label) in MISSING_MARKERS
+
+
+def infer_label_names(labels, source: str = "", option: str = "label_names") -> list[str]:
+    """The sorted distinct labels of a corpus whose label set is not given, or a `CorpusError` for labels that would
+    make classes nobody meant: spellings that differ only by case, Unicode form or invisible characters (`Happy`,
+    `happy`, and `happy` followed by U+200B), invisible characters at either end, and missing-value markers
+    (`MISSING_MARKERS`).
+
+    Args:
+        labels: `(label, where)` pairs, `where` locating the label (file and line) for messages; None labels (an
+            unlabelled utterance) are ignored.
+        source: the files the labels come from, for messages.
+        option: how a user gives the label set explicitly (e.g. "label_names / --manifest_labels"), for messages.
+    """
+    first = {}
+    for label, where in labels:
+        if label is not None and label not in first:
+            first[label] = where
+    of = f" in {source}" if source else ""
+    twins = _twins(first)
+    if twins:
+        listed = "; ".join(", ".join(f"{name!r} ({first[name]})" for name in group) for group in twins[:5])
+        raise CorpusError(f"labels{of} that differ only by case, Unicode form or invisible characters would be "
+                          f"separate classes: {listed}. Write each label one way in the data, or give the label set "
+                          f"({option}) to say which spelling is the class")
+    edges = [name for name in first if _trim(name) != name]
+    if edges:
+        name = edges[0]
+        codes = ", ".join(f"U+{ord(c):04X}" for c in name if _invisible(c) or c.isspace())
+        raise CorpusError(f"label {name!r} ({first[name]}) has invisible characters or spaces at an end ({codes}); "
+                          "remove them from the data")
+    markers = sorted(name for name in first if is_missing_marker(name))
+    if markers:
+        listed = ", ".join(f"{name!r} ({first[name]})" for name in markers)
+        raise CorpusError(f"labels{of} that mark a missing value would be classes: {listed}. Leave the label empty "
+                          f"for an unlabelled utterance; if it really is a class, give the label set ({option}) "
+                          "listing it")
+    if not first:
+        raise CorpusError(f"No labelled utterance{of}: nothing gives the label set (give {option}).")
+    return sorted(first)
+
+
+def check_flag(corpus: str, name: str, value) -> bool:
+    """`value` if it is a bool, else a `CorpusError` ("no" or 0 would pass as a truth value)."""
+    if not isinstance(value, bool):
+        raise CorpusError(f"{corpus} option {name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(corpus: str, name: str, value, choices, kind: str = "choices") -> None:
+    """A `CorpusError` listing `choices` (`kind`: what they are, e.g. "label sets") unless `value` is one of them,
+    compared exactly, with its type."""
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        raise CorpusError(f"{corpus} {name} {value!r} is not one of its {kind}: {', '.join(map(repr, choices))}")
+
+
+def reserved_column(name: str) -> bool:
+    """True when a metadata column cannot be named `name` (`RESERVED_COLUMNS`, or a `RESERVED_SUFFIXES` ending)."""
+    return name in RESERVED_COLUMNS or name.endswith(RESERVED_SUFFIXES)
+
+
+def check_metadata_columns(names, source: str = "") -> None:
+    """A `CorpusError` naming the metadata columns whose names the conversation schema, the embedding cache or the
+    collator use for something else."""
+    clashing = sorted(name for name in names if reserved_column(name))
+    if clashing:
+        raise CorpusError(f"{source + ': ' if source else ''}metadata columns {clashing} clash with the "
+                          f"conversation schema or the embedding cache; rename them (reserved: "
+                          f"{list(RESERVED_COLUMNS)} and names ending in {', '.join(RESERVED_SUFFIXES)})")
 
 
 def check_audio(path: str) -> str | None:
@@ -274,7 +405,7 @@ def build_split(
         label_names: the label set, in id order (non-empty, distinct names without surrounding spaces).
         report: where skipped utterances and turn gaps are recorded.
         metadata: extra per-turn columns and their `datasets` types (speaker, sentiment, valence, ...); their names
-            cannot be those of `RESERVED_COLUMNS`.
+            cannot be those of `RESERVED_COLUMNS` nor end in `RESERVED_SUFFIXES`.
         skip_invalid: leave out utterances with an invalid id or turn, an unknown label, an unreadable audio file or a
             duplicated turn, counting them in `report`, instead of raising.
         source: the file the records come from, for messages.
@@ -282,10 +413,7 @@ def build_split(
     """
     metadata = metadata or {}
     label_names = check_label_names(label_names, source)
-    clashing = sorted(set(metadata) & set(RESERVED_COLUMNS))
-    if clashing:
-        raise CorpusError(f"metadata columns {clashing}{' of ' + source if source else ''} clash with the "
-                          f"conversation schema; rename them (reserved: {list(RESERVED_COLUMNS)})")
+    check_metadata_columns(metadata, source)
     label_ids = {name: i for i, name in enumerate(label_names)}
     by_conversation: dict[str, dict[int, dict]] = {}
     for record in records:
@@ -333,12 +461,27 @@ def _record_problem(record: dict, label_ids: dict, seen: dict, source: str, chec
     if turn in seen.get(conversation_id, {}):
         return "duplicated turn", f"conversation {conversation_id!r} has turn {turn} twice{where}"
     if label is not None and label not in label_ids:
-        return "unknown label", f"unknown label {label!r} in {at}; allowed: {sorted(label_ids)}"
+        return "unknown label", (f"unknown label {label!r} in {at}; allowed: {sorted(label_ids)}"
+                                 + _resembles(label, label_ids))
     if record.get("audio") is not None and check_audio_files and (reason := check_audio(record["audio"])):
         return reason, f"{reason}: {record['audio']} ({at})"
     if record.get("image") is not None and not os.path.isfile(record["image"]):
         return "image file not found", f"image file not found: {record['image']} ({at})"
     return None
+
+
+def _resembles(label, label_names) -> str:
+    """A hint for an unknown label: the name it differs from only by case or invisible characters, or that it looks
+    like a missing-value marker."""
+    if not isinstance(label, str):
+        return ""
+    similar = [name for name in label_names if label_key(name) == label_key(label)]
+    if similar:
+        return f" ({label!r} differs from {similar[0]!r} only by case, Unicode form or invisible characters)"
+    if is_missing_marker(label):
+        return (f" ({label!r} marks a missing value: leave the label empty for an unlabelled utterance, or list it in "
+                "the label set if it is a class)")
+    return ""
 
 
 def _missing_turns(order: list[int]) -> list[int]:
@@ -365,9 +508,19 @@ __all__ = [
     "CorpusError",
     "DataReport",
     "MAX_LISTED",
+    "MISSING_MARKERS",
+    "RESERVED_COLUMNS",
+    "RESERVED_SUFFIXES",
     "build_split",
     "check_audio",
+    "check_choice",
+    "check_flag",
     "check_label_names",
+    "check_metadata_columns",
+    "infer_label_names",
+    "is_missing_marker",
+    "label_key",
+    "reserved_column",
     "read_csv",
     "read_text",
     "require_folder",

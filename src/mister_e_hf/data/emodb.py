@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import CorpusError, DataReport, build_split, read_csv, require_folder
+from .common import CorpusError, DataReport, build_split, check_flag, infer_label_names, read_csv, require_folder
 
 
 LAYOUT = """<data_dir>/
@@ -56,6 +56,8 @@ def load_emodb(
             raise CorpusError(f"EmoDB {name} must be an integer, got {value!r}.")
     if num_folds < 1 or not 0 <= fold < num_folds:
         raise CorpusError(f"EmoDB fold must be in [0, {num_folds}), got {fold}.")
+    check_flag("EmoDB", "validation", validation)
+    check_flag("EmoDB", "skip_invalid", skip_invalid)
     metadata_file = data_dir / "metadata.csv"
     report = DataReport()
     _, table = read_csv(metadata_file, REQUIRED, LAYOUT, report, metadata_file.name, skip_invalid)
@@ -70,7 +72,8 @@ def load_emodb(
         rows.append((line, {k: v.strip() if k != "transcript" else v for k, v in row.items()}))
     if not rows:
         raise CorpusError(f"No valid row in {metadata_file}.")
-    label_names = sorted({row["emotion"] for _, row in rows})
+    label_names = infer_label_names(((row["emotion"], f"{metadata_file}, line {line}") for line, row in rows),
+                                    str(metadata_file), option="the emotion column")
     folds = speaker_folds([row["speaker"] for _, row in rows], num_folds)
     split_of = {s: "test" for s in folds[fold]}
     if validation:

@@ -21,7 +21,16 @@ from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import CorpusError, DataReport, build_split, read_text, require_file, require_folder
+from .common import (
+    CorpusError,
+    DataReport,
+    build_split,
+    check_choice,
+    check_flag,
+    read_text,
+    require_file,
+    require_folder,
+)
 
 
 LAYOUT = """<data_dir>/                       (IEMOCAP_full_release)
@@ -158,12 +167,15 @@ def load_iemocap(
             repeated EmoEvaluation summary lines and utterances with unreadable audio, instead of raising.
     """
     data_dir = Path(data_dir)
-    if label_set not in LABEL_SETS:
-        raise ValueError(f"IEMOCAP label sets are {sorted(LABEL_SETS)}, got {label_set!r}.")
+    check_choice("IEMOCAP", "label_set", label_set, list(LABEL_SETS), "label sets")
     if not isinstance(fold, int) or isinstance(fold, bool) or not 1 <= fold <= NUM_SESSIONS:
-        raise CorpusError(f"IEMOCAP fold must be a session number in [1, {NUM_SESSIONS}], got {fold}.")
-    if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+        raise CorpusError(f"IEMOCAP fold must be a session number in [1, {NUM_SESSIONS}], got {fold!r}.")
+    if (not isinstance(validation_fraction, (int, float)) or isinstance(validation_fraction, bool)
+            or not 0 <= validation_fraction < 1):
+        raise CorpusError(f"IEMOCAP validation_fraction must be a number in [0, 1), got {validation_fraction!r}.")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise CorpusError(f"IEMOCAP seed must be an integer, got {seed!r}.")
+    check_flag("IEMOCAP", "skip_invalid", skip_invalid)
     mapping, label_names = LABEL_SETS[label_set], LABEL_NAMES[label_set]
     sessions = _sessions(data_dir, fold)
     report = DataReport()

@@ -11,6 +11,11 @@ A CSV row whose field count differs from the header's (an unquoted comma), a JSO
 lacks a column, and a value of the wrong type are errors naming the file and line; with `skip_invalid` such rows are
 left out and counted in the `DataReport`. A file that cannot be read as a whole (not UTF-8, a required column
 missing, no rows) is always an error.
+
+Without `label_names` the label set is the sorted labels found, and labels that would make classes nobody meant are
+refused (see `common.infer_label_names`): `Happy` beside `happy`, invisible characters, missing-value markers such as
+`null`, `NaN` or `N/A` (an unlabelled utterance has an empty label). Giving `label_names` is the escape hatch for a
+corpus whose class really is `none`.
 """
 
 import json
@@ -19,7 +24,17 @@ from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import RESERVED_COLUMNS, CorpusError, DataReport, build_split, read_csv, read_text, require_file
+from .common import (
+    CorpusError,
+    DataReport,
+    build_split,
+    check_flag,
+    check_metadata_columns,
+    infer_label_names,
+    read_csv,
+    read_text,
+    require_file,
+)
 
 
 REQUIRED = ("conversation_id", "turn", "text", "label")
@@ -119,6 +134,16 @@ def _turn(value) -> int | None:
     return None
 
 
+def _label_hint(value) -> str:
+    """How to write a non-string JSON label: a number as the class name's string; NaN (pandas' missing value) as
+    null, since a label is either a class name or absent."""
+    if isinstance(value, float) and value != value:
+        return '; an unlabelled utterance has "label": null (or "")'
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f'; if {value!r} is a class, write its name as a string ("{value}")'
+    return ""
+
+
 def _record(row: dict, path: Path, line: int, extra: list[str]) -> tuple[dict | None, tuple[str, str] | None]:
     """`(utterance record, None)` from one manifest row, or `(None, (reason, message))` when it is invalid."""
     at = f"{path}, line {line}"
@@ -129,7 +154,7 @@ def _record(row: dict, path: Path, line: int, extra: list[str]) -> tuple[dict | 
         if column in row and row[column] is not None and not isinstance(row[column], str):
             return None, ("value is not a string", f"{at}: {column} {row[column]!r} is a JSON "
                                                   f"{_json_type(row[column])}, not a string (or null)"
-                                                  + (f'; write it as "{row[column]}"' if column == "label" else ""))
+                                                  + (_label_hint(row[column]) if column == "label" else ""))
     conversation_id = row["conversation_id"]
     if isinstance(conversation_id, int) and not isinstance(conversation_id, bool):
         conversation_id = str(conversation_id)
@@ -170,20 +195,19 @@ def load_manifest(
             or give the files instead.
         train_file, validation_file, test_file: the split files (at least `train_file` or `test_file`).
         label_names: the label set in id order; labels outside it are errors (or skipped with `skip_invalid`).
+            Without it the labels found make the set, checked as the module's docstring says.
         skip_invalid: leave out (and count in the report) invalid rows and utterances instead of raising.
     """
+    check_flag("manifest", "skip_invalid", skip_invalid)
     files = _split_files(data_dir, train_file, validation_file, test_file)
-    if label_names is not None:
+    if label_names is not None and not isinstance(label_names, str):
         label_names = [name.strip() if isinstance(name, str) else name for name in label_names]
     report = DataReport()
     splits_records = {}
     for split, path in files.items():
         rows = read_manifest(path, report, split, skip_invalid)
         extra = list(dict.fromkeys(c for _, row in rows for c in row if c not in (*REQUIRED, *OPTIONAL)))
-        clashing = [c for c in extra if c in RESERVED_COLUMNS]
-        if clashing:
-            raise CorpusError(f"{path}: the columns {clashing} clash with the conversation schema's own; rename them "
-                              f"(reserved: {list(RESERVED_COLUMNS)})")
+        check_metadata_columns(extra, str(path))
         records = []
         for line, row in rows:
             record, problem = _record(row, path, line, extra)
@@ -193,11 +217,10 @@ def load_manifest(
             records.append(record)
         splits_records[split] = (path, records, extra)
     if label_names is None:
-        label_names = sorted({r["label"] for _, records, _ in splits_records.values() for r in records
-                              if r["label"] is not None})
-        if not label_names:
-            raise CorpusError(f"No labelled utterance in {', '.join(str(p) for p, _, _ in splits_records.values())}: "
-                              "nothing gives the label set (give label_names / --manifest_labels).")
+        labels = ((r["label"], f"{path}, line {r['_line']}") for path, records, _ in splits_records.values()
+                  for r in records)
+        label_names = infer_label_names(labels, ", ".join(str(p) for p, _, _ in splits_records.values()),
+                                        option="label_names / --manifest_labels")
     splits = {
         split: build_split(records, split, label_names, report, {c: Value("string") for c in extra},
                            skip_invalid=skip_invalid, source=str(path))

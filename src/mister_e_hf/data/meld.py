@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import DataReport, build_split, find_audio, read_csv, require_folder
+from .common import DataReport, build_split, check_choice, check_flag, find_audio, read_csv, require_folder
 
 
 LAYOUT = """<data_dir>/
@@ -25,6 +25,8 @@ AUDIO_FOLDERS = {
 }
 EMOTIONS = ["anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise"]
 SENTIMENTS = ["negative", "neutral", "positive"]
+LABEL_COLUMNS = ("emotion", "sentiment")
+"""What `label_column` takes: the MELD column that gives the labels."""
 
 
 def _audio_folders(audio_dir: Path, split: str) -> list[Path]:
@@ -47,8 +49,8 @@ def load_meld(
             `Dialogue_ID` / `Utterance_ID`, an unknown label or unreadable audio, instead of raising.
     """
     data_dir = Path(data_dir)
-    if label_column not in ("emotion", "sentiment"):
-        raise ValueError(f"MELD labels are 'emotion' or 'sentiment', got {label_column!r}.")
+    check_choice("MELD", "label_column (--label_set)", label_column, LABEL_COLUMNS, "label columns")
+    check_flag("MELD", "skip_invalid", skip_invalid)
     if audio_dir is not None:
         require_folder(Path(audio_dir), "a folder of audio clips dia{D}_utt{U}.wav (or .flac, ...), flat or in "
                                         "per-split folders (train, dev, test)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import CorpusError, DataReport, build_split, read_csv
+from .common import CorpusError, DataReport, build_split, check_choice, check_flag, read_csv
 
 
 LAYOUT = """<data_dir>/
@@ -64,8 +64,8 @@ def load_mosi(
             of raising.
     """
     data_dir = Path(data_dir)
-    if label_set not in LABEL_NAMES:
-        raise ValueError(f"MOSI label sets are {sorted(LABEL_NAMES)}, got {label_set!r}.")
+    check_choice("MOSI", "label_set", label_set, list(LABEL_NAMES), "label sets")
+    check_flag("MOSI", "skip_invalid", skip_invalid)
     label_file = data_dir / "label.csv"
     report = DataReport()
     _, rows = read_csv(label_file, REQUIRED, LAYOUT, report, label_file.name, skip_invalid)

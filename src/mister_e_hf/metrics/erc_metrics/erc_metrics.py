@@ -13,7 +13,9 @@ confusion matrix; for CMU-MOSI / MOSEI style continuous sentiment it also gives 
 the "has-0" and "non-0" conventions, the mean absolute error and the Pearson correlation.
 
 This file is copied by `evaluate.load` into the Hugging Face modules cache and imported from there, so it must only
-import installed libraries (no relative imports).
+import installed libraries (no relative imports). Bad input raises `mister_e_hf.errors.MisterEError` (a `ValueError`)
+when the package is installed, a plain `ValueError` otherwise. Predictions and references are checked before
+`evaluate` stores them as int64, which would silently truncate a probability 0.9 to class 0.
 """
 
 import math
@@ -24,6 +26,15 @@ import evaluate
 import numpy as np
 from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+
+try:  # indented, so that `evaluate` does not list the package as a dependency to check: the script also works alone
+    from mister_e_hf.errors import MisterEError as _Error
+except ImportError:
+    _Error = ValueError
+
+MAX_INFERRED_CLASSES = 1000
+"""Without `label_names` the classes are `range(max id + 1)`; a larger id is refused (give `label_names`)."""
 
 
 _DESCRIPTION = """
@@ -49,11 +60,12 @@ The binary F1 scores are weighted F1 over the two classes, as in the MOSI litera
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (`list` of `int`): predicted class ids.
-    references (`list` of `int`): true class ids.
+    predictions (`list` of `int`): predicted class ids (integers, or floats that are whole numbers; not
+        probabilities or scores: take their argmax).
+    references (`list` of `int`): true class ids, likewise (drop padding such as -100 first).
     label_names (`list` of `str`, *optional*): names of the classes, index = class id. Defaults to
-        `["0", "1", ..., str(K - 1)]` with `K = max(max(predictions), max(references)) + 1`. Every class id must be
-        in `range(len(label_names))`.
+        `["0", "1", ..., str(K - 1)]` with `K = max(max(predictions), max(references)) + 1`, at most 1000. Every
+        class id must be in `range(len(label_names))`.
     scores (`list` of `float`, *optional*): true continuous sentiment scores (e.g. CMU-MOSI in [-3, 3]), one per
         prediction. Requires `predicted_scores`.
     predicted_scores (`list` of `float`, *optional*): predicted continuous scores, same length as `scores`.
@@ -67,9 +79,11 @@ Returns:
     binary_f1_non0 (`float`; NaN for the non-0 pair when every true score is 0), mae (`float`), pearson (`float`).
 
 Raises:
-    ValueError: predictions and references differ in length, the input is empty, a class id is outside
-        `label_names`, `scores` is given without `predicted_scores` (or the other way round), the scores differ in
-        length from each other or from the predictions, or a score is not finite.
+    ValueError (`mister_e_hf.errors.MisterEError`): a prediction or reference is not a whole number (a probability,
+        NaN, a string) or the input is not one id per item, predictions and references differ in length, the input
+        is empty, a class id is outside `label_names` (or, without them, negative or 1000 and above), `scores` is
+        given without `predicted_scores` (or the other way round), the scores differ in length from each other or
+        from the predictions, or a score is not finite.
 
 Examples:
 
@@ -113,10 +127,36 @@ _CITATION = """
 
 
 def _as_scores(values, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    try:
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise _Error(f"`{name}` must be numbers, got {str(values)[:80]}.") from None
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"`{name}` must contain only finite numbers.")
+        raise _Error(f"`{name}` must contain only finite numbers.")
     return array
+
+
+def _class_ids(values, name: str) -> np.ndarray:
+    """`values` as a 1-D int64 array of class ids, or an error: one id per item, each a whole number."""
+    try:
+        array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    except (TypeError, ValueError):  # ragged nested lists
+        raise _Error(f"`{name}` must be one class id per item, got {str(values)[:80]}.") from None
+    if array.ndim != 1:
+        raise _Error(f"`{name}` must be one class id per item (a 1-D list), got shape {array.shape}; for logits or "
+                     "probabilities take their argmax over the classes first.")
+    if array.dtype.kind in "iub":
+        return array.astype(np.int64)
+    if array.dtype.kind != "f":
+        first = next((v for v in array.tolist() if not isinstance(v, (int, float))), array[:1].tolist())
+        raise _Error(f"`{name}` must be integer class ids, got {type(first).__name__} {first!r}.")
+    bad = ~np.isfinite(array) | (array != np.round(array)) | (np.abs(array) > 2**53)
+    if bad.any():
+        index = int(np.argmax(bad))
+        raise _Error(f"`{name}` must be integer class ids, got {array[index].item()!r} at index {index} "
+                     f"({int(bad.sum())} such values): class ids are whole numbers, not probabilities, scores or NaN; "
+                     "take the argmax over the classes first.")
+    return array.astype(np.int64)
 
 
 def _sentiment_scores(true: np.ndarray, pred: np.ndarray) -> dict:
@@ -146,6 +186,23 @@ def _sentiment_scores(true: np.ndarray, pred: np.ndarray) -> dict:
 class ErcMetrics(evaluate.Metric):
     """Accuracy, weighted / macro / per-class F1 and confusion matrix for ERC, plus MOSI-style sentiment scores."""
 
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """`evaluate`'s `add_batch`, after checking that both are 1-D lists of whole-number class ids (the int64
+        features would otherwise truncate 0.9 to 0). `compute(predictions=..., references=...)` comes here too."""
+        if predictions is not None:
+            predictions = _class_ids(predictions, "predictions")
+        if references is not None:
+            references = _class_ids(references, "references")
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """`evaluate`'s `add` of one item, after the same check as `add_batch`."""
+        if prediction is not None:
+            prediction = int(_class_ids([prediction], "prediction")[0])
+        if reference is not None:
+            reference = int(_class_ids([reference], "reference")[0])
+        return super().add(prediction=prediction, reference=reference, **kwargs)
+
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -167,28 +224,35 @@ class ErcMetrics(evaluate.Metric):
         predictions = np.asarray(predictions, dtype=np.int64).reshape(-1)
         references = np.asarray(references, dtype=np.int64).reshape(-1)
         if len(predictions) != len(references):
-            raise ValueError(
+            raise _Error(
                 f"`predictions` and `references` differ in length: {len(predictions)} vs {len(references)}."
             )
         if len(predictions) == 0:
-            raise ValueError("`predictions` and `references` are empty: nothing to score.")
+            raise _Error("`predictions` and `references` are empty: nothing to score.")
 
         if label_names is None:
-            num_labels = int(max(predictions.max(), references.max())) + 1
-            label_names = [str(i) for i in range(num_labels)]
+            largest = int(max(predictions.max(), references.max()))
+            if largest >= MAX_INFERRED_CLASSES:
+                raise _Error(f"Class id {largest} without `label_names`: the classes would be range(0, {largest + 1}); "
+                             f"give `label_names` (ids above {MAX_INFERRED_CLASSES - 1} need them).")
+            label_names = [str(i) for i in range(max(largest, 0) + 1)]
         else:
+            if isinstance(label_names, str):
+                raise _Error(f"`label_names` must be a list of names, got the string {label_names!r}.")
             label_names = [str(name) for name in label_names]
             if not label_names:
-                raise ValueError("`label_names` is empty.")
+                raise _Error("`label_names` is empty.")
             if len(set(label_names)) != len(label_names):
-                raise ValueError(f"`label_names` has duplicates: {label_names}.")
+                raise _Error(f"`label_names` has duplicates: {label_names}.")
         num_labels = len(label_names)
         for name, ids in (("predictions", predictions), ("references", references)):
             bad = ids[(ids < 0) | (ids >= num_labels)]
             if bad.size:
-                raise ValueError(
-                    f"`{name}` has label id(s) {sorted(set(bad.tolist()))} outside range(0, {num_labels}) "
-                    f"given by `label_names` {label_names}."
+                shown = sorted(set(bad.tolist()))
+                raise _Error(
+                    f"`{name}` has label id(s) {shown[:10]}{' ...' if len(shown) > 10 else ''} outside "
+                    f"range(0, {num_labels}) given by `label_names` {label_names}"
+                    + ("; drop padded or unlabelled items (e.g. -100) first." if (bad < 0).any() else ".")
                 )
 
         labels = list(range(num_labels))
@@ -211,13 +275,13 @@ class ErcMetrics(evaluate.Metric):
             return results
         if scores is None or predicted_scores is None:
             missing = "predicted_scores" if predicted_scores is None else "scores"
-            raise ValueError(f"`scores` and `predicted_scores` go together: `{missing}` is missing.")
+            raise _Error(f"`scores` and `predicted_scores` go together: `{missing}` is missing.")
         true = _as_scores(scores, "scores")
         pred = _as_scores(predicted_scores, "predicted_scores")
         if len(true) != len(pred):
-            raise ValueError(f"`scores` and `predicted_scores` differ in length: {len(true)} vs {len(pred)}.")
+            raise _Error(f"`scores` and `predicted_scores` differ in length: {len(true)} vs {len(pred)}.")
         if len(true) != len(predictions):
-            raise ValueError(
+            raise _Error(
                 f"`scores` has {len(true)} values but there are {len(predictions)} predictions; they must match."
             )
         results.update(_sentiment_scores(true, pred))
