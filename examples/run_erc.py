@@ -5,7 +5,12 @@
         --text_model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --freeze_backbones \
         --output_dir runs/meld-text
 
-Arguments may also come as one JSON or YAML file: `python examples/run_erc.py args.yaml`.
+Arguments may also come as one JSON or YAML file of `name: value` pairs, checked exactly as on the command line
+(`python examples/run_erc.py args.yaml`, optionally followed by more arguments, which win).
+
+With none of `--do_train`, `--do_eval`, `--do_predict` given, the script trains, evaluates on the validation split
+and predicts on the test split (those the corpus has); given any of them, it does exactly those. Evaluating or
+predicting without training takes the model of `--model_name_or_path` and writes only results into `--output_dir`.
 
 With frozen backbones, utterance embeddings are computed once into an embedding cache (keyed by backbone weights,
 pooling, processor settings and data) and the context layers, experts and gate train on them; the saved model still
@@ -13,14 +18,17 @@ holds its backbones and runs on raw audio and text. Runs resume from the newest 
 (a checkpoint left incomplete by a kill is moved aside to `incomplete-checkpoint-<step>`), and a resumed run ends with
 the weights and results of an uninterrupted one.
 
-Problems the user can fix (bad data, labels that cannot train, a non-finite loss) end the run with one line on stderr
-and a non-zero exit status; nothing is written from a broken state.
+Problems the user can fix (bad arguments, bad data, labels that cannot train, a non-finite loss) end the run with one
+line on stderr and a non-zero exit status, arguments before anything is loaded; nothing is written from a broken
+state, and no argument is silently ignored.
 """
 
+import argparse
 import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -30,20 +38,31 @@ from pathlib import Path
 
 import numpy as np
 import transformers
-from huggingface_hub.errors import StrictDataclassError
+import yaml
+from datasets import DatasetDict
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
+from huggingface_hub.utils import validate_repo_id
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
+from transformers.hf_argparser import string_to_bool
 
 from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor, hub
 from mister_e_hf.atomic import atomic_write_json
 from mister_e_hf.cache import add_cached_embeddings
+from mister_e_hf.checkpoints import check_resume_settings, checkpoint_problem, find_resumable_checkpoint
 from mister_e_hf.data import DataCollatorForConversations, load_corpus, loader_options
 from mister_e_hf.errors import CorpusError, MisterEError, TrainingError
-from mister_e_hf.finetuning import finetune_backbone
+from mister_e_hf.finetuning import finetune_backbone, finetuning_problems
 from mister_e_hf.metrics import load_erc_metric
 from mister_e_hf.modelcard import write_model_card
 from mister_e_hf.plotting import plot_confusion_matrix, plot_gate_weights_by_class
-from mister_e_hf.checkpoints import checkpoint_problem, find_resumable_checkpoint
-from mister_e_hf.trainer import MisterETrainer, build_compute_metrics, check_labels, flatten_predictions
+from mister_e_hf.trainer import (
+    MisterETrainer,
+    build_compute_metrics,
+    check_labels,
+    check_training_arguments,
+    flatten_predictions,
+    training_argument_problems,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -149,35 +168,144 @@ class ErcTrainingArguments(TrainingArguments):
     )
 
 
-def parse_arguments():
-    parser = HfArgumentParser((ModelArguments, DataArguments, ErcTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+ARGUMENT_FILES = (".json", ".yaml", ".yml")
+STAGES = ("do_train", "do_eval", "do_predict")
+
+
+class ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are `MisterEError`s (one line from `run`), without abbreviated option names
+    (a prefix of an option silently meant that option)."""
+
+    def __init__(self, dataclass_types):
+        super().__init__(dataclass_types, allow_abbrev=False)
+
+    def error(self, message):
+        raise MisterEError(message)
+
+
+def _file_arguments(path: str, parser: ArgumentParser) -> list[str]:
+    """The command-line form of an argument file (JSON, or YAML): a mapping of argument names to values, turned into
+    `--name value` so that argparse converts and checks every value as it does on the command line (`"two"` is no
+    float; YAML reads `1e-3` as a string, argparse as a float). Lists give several values to list arguments;
+    `config_overrides` may be a mapping of settings."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise MisterEError(f"{path}: cannot read the argument file ({' '.join(str(error).split())}).") from None
+    if not isinstance(data, dict):
+        raise MisterEError(f"{path}: an argument file holds a mapping of argument names to values, not a "
+                           f"{type(data).__name__}.")
+    actions = {option: action for option, action in parser._option_string_actions.items() if option.startswith("--")}
+    arguments = []
+    for key, value in data.items():
+        action = actions.get(f"--{key}") if isinstance(key, str) else None
+        if action is None or action.dest == "help":
+            close = difflib.get_close_matches(str(key), [o[2:] for o in actions], n=1)
+            raise MisterEError(f"{path}: {key!r} is not an argument of run_erc.py"
+                               + (f"; did you mean {close[0]!r}?" if close else "."))
+        if value is None:
+            if action.default is not None:
+                raise MisterEError(f"{path}: {key} is null; leave it out for its default ({action.default!r}).")
+            continue
+        if key == "config_overrides" and isinstance(value, dict):
+            value = json.dumps(value)
+        if action.nargs == 0:  # a flag, e.g. no_emodb_validation: true (false leaves it off)
+            if not isinstance(value, bool):
+                raise MisterEError(f"{path}: {key} is a flag: true or false, not {value!r}.")
+            arguments += [f"--{key}"] if value else []
+        elif isinstance(value, list) and action.nargs in ("+", "*"):
+            arguments += [f"--{key}", *(_command_line_value(v) for v in value)]
+        else:
+            arguments.append(f"--{key}={_command_line_value(value)}")
+    return arguments
+
+
+def _command_line_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """(model arguments, data arguments, training arguments, the names of the arguments given, the stages asked
+    for: `{"do_train": bool, ...}` for those of `STAGES` given) from `argv` (default: the command line): options, or
+    an argument file first (`args.yaml`, `args.json`) then options. `TrainingArguments` turns `do_eval` on whenever
+    an evaluation strategy is set, so the stages asked for come from the arguments themselves."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = ArgumentParser((ModelArguments, DataArguments, ErcTrainingArguments))
+    arguments = argv
+    if argv and argv[0].endswith(ARGUMENT_FILES) and not argv[0].startswith("-"):
+        try:
+            arguments = _file_arguments(argv[0], parser) + argv[1:]
+        except MisterEError as error:
+            raise MisterEError(str(error) if str(error).startswith(argv[0]) else f"{argv[0]}: {error}") from None
+    given = {parser._option_string_actions[option].dest for option in
+             (a.split("=", 1)[0] for a in arguments if a.startswith("--")) if option in parser._option_string_actions}
+    try:
+        model_args, data_args, training_args, remaining = parser.parse_args_into_dataclasses(
+            arguments, return_remaining_strings=True, look_for_args_file=False)
+    except MisterEError as error:
+        raise MisterEError(f"{error} (arguments from {argv[0]})" if arguments is not argv else str(error)) from None
+    except ValueError as error:  # a dataclass's own check (e.g. TrainingArguments: bf16 without a GPU)
+        raise MisterEError(" ".join(str(error).split())) from None
+    if remaining:
+        raise MisterEError(f"unrecognized arguments: {' '.join(remaining)}")
+    stages = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # values already checked by the parser
+    for stage in STAGES:
+        stages.add_argument(f"--{stage}", type=string_to_bool, nargs="?", const=True, default=None)
+    requested = vars(stages.parse_known_args(arguments)[0])
+    return model_args, data_args, training_args, given, {k: v for k, v in requested.items() if v is not None}
+
+
+RESERVED_OVERRIDES = {
+    "head": "--head", "id2label": "the data's labels", "label2id": "the data's labels",
+    "num_labels": "the data's labels", "freeze_speech_backbone": "--freeze_backbones",
+    "freeze_text_backbone": "--freeze_backbones", "freeze_visual_backbone": "--freeze_backbones",
+    **{f"{m}_{kind}": f"--{m}_model_name_or_path" for m in ("speech", "text", "visual")
+       for kind in ("config", "backbone_name_or_path")},
+}
+"""MisterEConfig settings that run_erc sets from its own arguments: given in --config_overrides they would clash."""
 
 
 def parse_overrides(text: str | None) -> dict:
-    """'a=1,b=0.5,c=true,d=[1,3]' -> MisterEConfig keyword arguments (values parsed as JSON when they can be;
-    whole numbers given for float settings, like `supcon_weight=0`, become floats)."""
+    """'a=1,b=0.5,c=true,d=[1,3]', or a JSON object '{"a": 1}' -> MisterEConfig keyword arguments (values parsed as
+    JSON when they can be; whole numbers given for float settings, like `supcon_weight=0`, become floats)."""
     float_fields = {f.name for f in dataclasses.fields(MisterEConfig) if "float" in str(f.type)}
     known = {f.name for f in dataclasses.fields(MisterEConfig)}
+    text = (text or "").strip()
+    if text.startswith("{"):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise MisterEError(f"config_overrides is not a valid JSON object ({error}).") from None
+        if not isinstance(items, dict):
+            raise MisterEError("config_overrides as JSON is an object of settings.")
+        items = list(items.items())
+    else:
+        items = []
+        for item in filter(None, (part.strip() for part in re.split(r",(?![^\[]*\])", text))):
+            if "=" not in item:
+                raise MisterEError(f"config_overrides entries are key=value, got {item!r}.")
+            key, value = (part.strip() for part in item.split("=", 1))
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                if value.startswith("[") and value.endswith("]"):  # a list of bare words: [text,emphasis]
+                    value = [part.strip() for part in value[1:-1].split(",") if part.strip()]
+            items.append((key, value))
     overrides = {}
-    for item in filter(None, (part.strip() for part in re.split(r",(?![^\[]*\])", text or ""))):
-        if "=" not in item:
-            raise MisterEError(f"config_overrides entries are key=value, got {item!r}.")
-        key, value = (part.strip() for part in item.split("=", 1))
+    for key, value in items:
+        if key in RESERVED_OVERRIDES:
+            raise MisterEError(f"--config_overrides: {key!r} is set by {RESERVED_OVERRIDES[key]}, not by an override.")
         if key not in known:  # PreTrainedConfig keeps any keyword as an attribute: a typo would do nothing
             close = difflib.get_close_matches(key, sorted(known), n=3)
             raise MisterEError(f"--config_overrides: {key!r} is not a MisterEConfig setting"
                                + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "."))
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            if value.startswith("[") and value.endswith("]"):  # a list of bare words: [text,emphasis]
-                value = [part.strip() for part in value[1:-1].split(",") if part.strip()]
-        overrides[key] = float(value) if key in float_fields and isinstance(value, int) else value
+        overrides[key] = float(value) if key in float_fields and isinstance(value, int) and not isinstance(
+            value, bool) else value
     return overrides
 
 
@@ -197,7 +325,10 @@ DATA_OPTIONS = {
 defaults hold otherwise), and an argument the chosen corpus does not take is an error, never silently ignored."""
 
 
-def load_data(data_args: DataArguments):
+def load_data(data_args: DataArguments, label_names: list[str] | None = None):
+    """(DatasetDict, DataReport) of the corpus. `label_names`: the label set (in id order) of the model to use, for
+    loaders that take one when the user gave none (a manifest without --manifest_labels): a test-only manifest
+    then keeps the saved model's label ids even if some class is absent from it."""
     data_dir = data_args.data_dir
     if data_dir is None and os.environ.get("MISTER_E_DATA") and data_args.dataset != "manifest":
         data_dir = str(Path(os.environ["MISTER_E_DATA"]) / data_args.dataset)
@@ -215,6 +346,8 @@ def load_data(data_args: DataArguments):
         elif not any(o in accepted for o, (a, _) in DATA_OPTIONS.items() if a == argument):
             raise CorpusError(f"--{argument} does not apply to --dataset {data_args.dataset} (its loader takes: "
                               f"{', '.join(accepted)}).")
+    if label_names is not None and "label_names" in accepted and "label_names" not in options:
+        options["label_names"] = list(label_names)
     datasets, report = load_corpus(data_args.dataset, **options)
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
                          ("test", data_args.max_test_samples)):
@@ -223,21 +356,35 @@ def load_data(data_args: DataArguments):
     return datasets, report
 
 
+def saved_model_config(model_args: ModelArguments) -> MisterEConfig | None:
+    """The config of `--model_name_or_path` (read before anything is loaded), or None."""
+    path = model_args.model_name_or_path
+    if not path:
+        return None
+    folder = Path(path)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise MisterEError(f"--model_name_or_path {path}: no config.json; not a saved model folder.")
+    try:
+        return MisterEConfig.from_pretrained(path)
+    except MisterEError:
+        raise
+    except (OSError, ValueError, TypeError) as error:
+        raise MisterEError(f"--model_name_or_path {path}: cannot load its config ({str(error).splitlines()[0]}).") \
+            from None
+
+
 def build_model(model_args: ModelArguments, label_names: list[str]):
-    """(model, processor): a saved MiSTER-E model, or fresh MiSTER-E layers around the given backbones; for a
-    regression head `label_names` are the dimensions."""
+    """(model, processor): a saved MiSTER-E model, used as saved, or fresh MiSTER-E layers around the given
+    backbones; for a regression head `label_names` are the dimensions."""
     if model_args.model_name_or_path:
         model = MisterEModel.from_pretrained(model_args.model_name_or_path)
         processor = MisterEProcessor.from_pretrained(model_args.model_name_or_path)
         if [model.config.id2label[i] for i in range(model.config.num_labels)] != label_names:
             raise MisterEError(f"{model_args.model_name_or_path} predicts {list(model.config.id2label.values())}, "
-                             f"the data has {label_names}.")
+                               f"the data has {label_names}.")
         return model, processor
     paths = (model_args.speech_model_name_or_path, model_args.text_model_name_or_path,
              model_args.visual_model_name_or_path)
-    if not any(paths):
-        raise MisterEError("Give --speech_model_name_or_path, --text_model_name_or_path and/or "
-                         "--visual_model_name_or_path (or --model_name_or_path).")
     frozen = model_args.freeze_backbones or model_args.backbone_finetuning != "none"
     model = MisterEModel.from_backbones(
         *paths,
@@ -291,40 +438,223 @@ def predicted_scores(probabilities: np.ndarray, label_names: list[str]) -> np.nd
     return probabilities @ values
 
 
-def main():
-    model_args, data_args, training_args = parse_arguments()
+# --------------------------------------------------------------------------------------------- argument checks
+FINETUNING_OPTIONS = ("finetuning_epochs", "finetuning_learning_rate", "lora_r", "lora_alpha")
+AS_SAVED = ("config_overrides", "speech_model_name_or_path", "text_model_name_or_path", "visual_model_name_or_path")
+"""Arguments that build a model: with --model_name_or_path the saved model is used as saved, so they cannot apply."""
+EVALUATION_OPTIONS = ("eval_strategy", "load_best_model_at_end", "metric_for_best_model", "early_stopping_patience")
+
+
+def requested_stages(stages: dict) -> tuple[bool, bool, bool]:
+    """(train, evaluate, predict): all three when none of --do_train / --do_eval / --do_predict was given (train,
+    then evaluate on the validation split and predict on the test split, those the corpus has), else those given."""
+    if not stages:
+        return True, True, True
+    return tuple(bool(stages.get(stage)) for stage in STAGES)
+
+
+def folder_problem(path: str | None, what: str) -> str | None:
+    """Why `path` cannot be (or become) a folder: it, or the nearest of its parents that exists, is not a folder."""
+    if not path:
+        return None
+    existing = Path(path).expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return (f"{what} {path} " + ("is a file, not a folder" if existing == Path(path).expanduser() else
+                                     f"is inside {existing}, which is a file, not a folder"))
+    return None
+
+
+def caches_embeddings(model_args: ModelArguments, saved: MisterEConfig | None) -> bool:
+    """Whether the run trains on cached embeddings (every backbone of the model frozen)."""
+    if saved is not None:
+        return all(getattr(saved, f"freeze_{m}_backbone") for m in saved.modalities)
+    return model_args.freeze_backbones or model_args.backbone_finetuning != "none"
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                    given: set[str], stages: tuple[bool, bool, bool], saved: MisterEConfig | None) -> None:
+    """Refuses, in one `MisterEError` listing them all and before anything is loaded, arguments that would be
+    silently ignored, that contradict each other, or whose values cannot work."""
+    train, evaluate, predict = stages
+    problems = []
+    path = model_args.model_name_or_path
+    head = saved.head if saved is not None else model_args.head
+    same_folder = saved is not None and Path(path).exists() and (
+        Path(training_args.output_dir).resolve() == Path(path).resolve())
+    if saved is not None:
+        ignored = [f"--{name}" for name in AS_SAVED if name in given]
+        if "head" in given and model_args.head != saved.head:
+            ignored.append(f"--head {model_args.head} (it has a {saved.head} head)")
+        frozen = caches_embeddings(model_args, saved)
+        if "freeze_backbones" in given and model_args.freeze_backbones != frozen:
+            ignored.append(f"--freeze_backbones {str(model_args.freeze_backbones).lower()} (its backbones are "
+                           f"{'frozen' if frozen else 'not frozen'})")
+        if model_args.backbone_finetuning != "none":
+            ignored.append(f"--backbone_finetuning {model_args.backbone_finetuning}")
+        if ignored:
+            problems.append(f"{', '.join(ignored)} cannot apply with --model_name_or_path: the saved model {path} is "
+                            "used as saved (its config, head, backbones and freezing); leave them out, or build a new "
+                            "model from backbones without --model_name_or_path")
+        if same_folder:
+            problems.append(f"--output_dir is the folder of --model_name_or_path ({path}): the run would overwrite the "
+                            "saved model or its results; give another --output_dir")
+    elif not any(getattr(model_args, name) for name in AS_SAVED[1:]):
+        problems.append("give --speech_model_name_or_path, --text_model_name_or_path and/or "
+                        "--visual_model_name_or_path (or --model_name_or_path)")
+
+    if not (train or evaluate or predict):
+        problems.append("--do_train, --do_eval and --do_predict are all false: nothing to do")
+    if not train:
+        if (evaluate or predict) and saved is None:
+            problems.append("evaluating or predicting without training (--do_train not given) needs "
+                            "--model_name_or_path, the model to use")
+        not_applying = [f"--{name}" for name in ("resume_from_checkpoint", "push_to_hub", "backbone_finetuning",
+                                                  *FINETUNING_OPTIONS, "early_stopping_patience") if name in given]
+        if not_applying:
+            problems.append(f"{', '.join(not_applying)} apply to training only, and --do_train is not given")
+        if saved is not None and (Path(training_args.output_dir) / "config.json").exists() and not same_folder:
+            problems.append(f"--output_dir {training_args.output_dir} holds a saved model, whose results this "
+                            "evaluation would overwrite; give another --output_dir")
+
+    label_columns = [c.strip() for c in data_args.label_columns.split(",")] if data_args.label_columns else None
+    if label_columns is not None:
+        repeated = sorted({c for c in label_columns if label_columns.count(c) > 1})
+        if "" in label_columns or repeated:
+            problems.append(f"--label_columns {data_args.label_columns!r} "
+                            + (f"repeats {repeated}" if repeated else "has an empty name")
+                            + ": give each regression dimension once")
+    if (head == "regression") != bool(label_columns):
+        problems.append("a regression head needs --label_columns (and --label_columns needs --head regression)"
+                        if saved is None else
+                        f"{path} has a {head} head, which " + ("needs --label_columns" if head == "regression" else
+                                                              "takes no --label_columns"))
+
+    if model_args.backbone_finetuning != "none":
+        problems += [f"--backbone_finetuning: {problem}" for problem in finetuning_problems(
+            model_args.backbone_finetuning, model_args.finetuning_epochs, model_args.finetuning_learning_rate,
+            model_args.lora_r, model_args.lora_alpha, head)]
+        if model_args.backbone_finetuning == "full" and {"lora_r", "lora_alpha"} & given:
+            problems.append("--lora_r and --lora_alpha apply to --backbone_finetuning lora only")
+    elif train and set(FINETUNING_OPTIONS) & given:
+        problems.append(f"{', '.join(f'--{o}' for o in FINETUNING_OPTIONS if o in given)} do nothing without "
+                        "--backbone_finetuning full|lora")
+
+    if saved is None:
+        try:
+            overrides = parse_overrides(model_args.config_overrides)
+        except MisterEError as error:
+            problems.append(str(error).rstrip("."))
+            overrides = {}
+        if overrides.get("standardize_embeddings") and not caches_embeddings(model_args, saved):
+            problems.append("standardize_embeddings=true standardises cached embeddings, fitted on the training set: "
+                            "it needs --freeze_backbones (or --backbone_finetuning)")
+    if not caches_embeddings(model_args, saved) and {"embedding_cache_dir", "extraction_batch_size"} & given:
+        problems.append("--embedding_cache_dir and --extraction_batch_size apply to frozen backbones only "
+                        "(--freeze_backbones), whose embeddings are cached")
+
+    if training_args.early_stopping_patience is not None and training_args.early_stopping_patience < 1:
+        problems.append(f"--early_stopping_patience is {training_args.early_stopping_patience} (it must be >= 1; "
+                        "leave it out not to stop early)")
+    if model_args.extraction_batch_size < 1:
+        problems.append(f"--extraction_batch_size is {model_args.extraction_batch_size} (it must be >= 1)")
+    for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} is {value} (it must be >= 1; leave it out to keep every conversation)")
+    for what, folder in (("--output_dir", training_args.output_dir),
+                         ("--embedding_cache_dir", model_args.embedding_cache_dir)):
+        problem = folder_problem(folder, what)
+        if problem:
+            problems.append(problem)
+    if train and training_args.push_to_hub:
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            problems.append(f"--push_to_hub: {repo_id!r} is not a valid Hub repository id "
+                            f"({str(error).split('.')[0]}); give --hub_model_id namespace/name")
+    # run_erc always computes metrics; which ones is known once the model is built (checked again then)
+    problems += [f"--{problem}" for problem in training_argument_problems(training_args, compute_metrics=True,
+                                                                          training=train)]
+    if problems:
+        raise MisterEError("; ".join(problems) + ".")
+
+
+def check_splits(datasets: DatasetDict, stages: tuple[bool, bool, bool], explicit: bool) -> DatasetDict:
+    """The splits this run uses (train to train, validation to evaluate and to select a model while training, test
+    to predict), refusing a missing one that was asked for; the others are dropped, so that nothing is extracted
+    for them."""
+    train, evaluate, predict = stages
+    wanted = {"train": train, "validation": evaluate, "test": predict}
+    asked = {"train": "--do_train" if explicit else "training", "validation": "--do_eval", "test": "--do_predict"}
+    for split, needed in wanted.items():
+        if needed and split not in datasets and (explicit or split == "train"):
+            raise MisterEError(f"{asked[split]} needs a {split} split, and the corpus has only "
+                               f"{', '.join(datasets) or 'none'}.")
+    keep = {"train": train, "validation": train or evaluate, "test": predict}
+    return DatasetDict({split: data for split, data in datasets.items() if keep.get(split)})
+
+
+def main(argv: list[str] | None = None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()
+    model_args, data_args, training_args, given, asked = parse_arguments(argv)
+    saved = saved_model_config(model_args)
+    stages = requested_stages(asked)
+    check_arguments(model_args, data_args, training_args, given, stages, saved)
+    train = stages[0]
+    head = saved.head if saved is not None else model_args.head
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # one upload at the end, not per save
 
-    need_optimizer = not training_args.save_only_model
-    resume = training_args.resume_from_checkpoint
-    if resume:  # given: it must be complete
-        problem = checkpoint_problem(resume, need_optimizer)
-        if problem:
-            raise TrainingError(f"Cannot resume from --resume_from_checkpoint {resume}: {problem}.")
-    else:  # the newest complete checkpoint; incomplete ones are moved aside
-        resume = find_resumable_checkpoint(output_dir, need_optimizer)  # the trainer says "Resuming from ..."
+    resume = None
+    if train:
+        need_optimizer = not training_args.save_only_model
+        resume = training_args.resume_from_checkpoint
+        if resume:  # given: it must be complete
+            problem = checkpoint_problem(resume, need_optimizer)
+            if problem:
+                raise TrainingError(f"Cannot resume from --resume_from_checkpoint {resume}: {problem}.")
+        else:  # the newest complete checkpoint; incomplete ones are moved aside
+            resume = find_resumable_checkpoint(output_dir, need_optimizer)  # the trainer says "Resuming from ..."
 
-    datasets, report = load_data(data_args)
+    saved_labels = [saved.id2label[i] for i in range(saved.num_labels)] if saved is not None else None
+    datasets, report = load_data(data_args, saved_labels if head == "classification" else None)
     report.save(output_dir / "data_report.json")
     logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
-    label_columns = data_args.label_columns.split(",") if data_args.label_columns else None
-    if (model_args.head == "regression") != bool(label_columns):
-        raise MisterEError("A regression head needs --label_columns (and --label_columns needs --head regression).")
-    label_names = label_columns or datasets["train"].features["labels"].feature.names
-    if model_args.head == "regression" and training_args.metric_for_best_model == "weighted_f1":
+    datasets = check_splits(datasets, stages, explicit=bool(asked))
+    train, evaluate, predict = train, stages[1] and "validation" in datasets, stages[2] and "test" in datasets
+    training_args.do_train, training_args.do_eval, training_args.do_predict = train, evaluate, predict
+    label_columns = [c.strip() for c in data_args.label_columns.split(",")] if data_args.label_columns else None
+    label_names = label_columns or next(iter(datasets.values())).features["labels"].feature.names
+    if head == "regression" and "metric_for_best_model" not in given:
         training_args.metric_for_best_model = "ccc_mean"
+        training_args.greater_is_better = True
+    if not train or "validation" not in datasets:  # no evaluation while training
+        if train and training_args.eval_strategy != "no":
+            asked_for = [f"--{name}" for name in EVALUATION_OPTIONS if name in given and getattr(training_args, name)]
+            if asked_for:
+                raise MisterEError(f"{', '.join(asked_for)} {'needs' if len(asked_for) == 1 else 'need'} a validation "
+                                   f"split to evaluate on while training, and the corpus has only "
+                                   f"{', '.join(datasets)}: leave {'it' if len(asked_for) == 1 else 'them'} out, or "
+                                   "give a validation split.")
+        training_args.eval_strategy, training_args.load_best_model_at_end = "no", False
     for split in datasets:  # labels that cannot train or evaluate are refused now, before any extraction
-        check_labels(datasets[split], split, label_names, model_args.head, label_columns=label_columns,
+        check_labels(datasets[split], split, label_names, head, label_columns=label_columns,
                      training=split == "train")
 
     model, processor = build_model(model_args, label_names)
-    if model_args.backbone_finetuning != "none":
+    compute_metrics = build_compute_metrics(label_names, model.expert_names, head=head)
+    collator = DataCollatorForConversations(processor, label_columns=label_columns)
+    check_training_arguments(training_args, compute_metrics, training=train, data_collator=collator)
+    if resume:  # before any compute: a checkpoint of other settings is refused (the trainer checks again)
+        check_resume_settings(resume, model.config, training_args)
+    if train and model_args.backbone_finetuning != "none":
         for modality in model.config.modalities:
             finetune_backbone(model, processor, modality, datasets, method=model_args.backbone_finetuning,
                               epochs=model_args.finetuning_epochs, learning_rate=model_args.finetuning_learning_rate,
@@ -336,7 +666,14 @@ def main():
     if cached:
         start = time.perf_counter()
         datasets, stats = add_cached_embeddings(model, processor, datasets, model_args.embedding_cache_dir,
-                                                model_args.extraction_batch_size)
+                                                model_args.extraction_batch_size, skip_invalid=data_args.skip_invalid,
+                                                report=report)
+        if data_args.skip_invalid:  # inputs refused at extraction were left out: counted, and checked again
+            report.save(output_dir / "data_report.json")
+            logger.info(f"After extraction: {report.summary()}")
+            for split in datasets:
+                check_labels(datasets[split], split, label_names, head, label_columns=label_columns,
+                             training=split == "train")
         timings = {"embedding_seconds": round(time.perf_counter() - start, 2),
                    "extraction_seconds": round(stats.extraction_seconds, 2),
                    "cached_utterances": stats.cached_utterances, "utterances_embedded": stats.utterances_embedded,
@@ -344,41 +681,40 @@ def main():
         logger.info(f"Embedding cache: {timings}")
 
     callbacks = []
-    if training_args.early_stopping_patience:
+    if train and training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
-    has_validation = "validation" in datasets
-    if not has_validation:
-        training_args.eval_strategy, training_args.load_best_model_at_end = "no", False
     trainer = MisterETrainer(
         model=model,
         args=training_args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets.get("validation"),
-        data_collator=DataCollatorForConversations(processor, label_columns=label_columns),
+        train_dataset=datasets.get("train"),
+        eval_dataset=datasets.get("validation") if train else None,
+        data_collator=collator,
         processing_class=processor,
-        compute_metrics=build_compute_metrics(label_names, model.expert_names, head=model_args.head),
+        compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
 
-    start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2)}
-    if resume:  # train_loss is the whole run's; the times and speeds are this process's
-        train_metrics["resumed_from_checkpoint"] = Path(resume).name
-    trainer.save_model()  # model + processor, with code and auto_map
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
+    if train:
+        start = time.perf_counter()
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2)}
+        if resume:  # train_loss is the whole run's; the times and speeds are this process's
+            train_metrics["resumed_from_checkpoint"] = Path(resume).name
+        trainer.save_model()  # model + processor, with code and auto_map
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
 
     results = {}
-    for split in ("validation", "test"):
-        if split in datasets:
-            prefix = "eval" if split == "validation" else "test"
+    for split, prefix, wanted in (("validation", "eval", evaluate), ("test", "test", predict)):
+        if wanted:
             metrics = evaluate_split(trainer, datasets[split], prefix, label_names, model.expert_names, output_dir,
-                                     model_args.head)
+                                     head)
             trainer.save_metrics(prefix, metrics)
             results.update(metrics)
     logger.info("Results: " + json.dumps({k: v for k, v in results.items() if any(
         name in k for name in ("f1", "acc", "ccc"))}, indent=1))
+    if not train:  # the model is the saved one, with its own card: only results are written
+        return
 
     repo_id = training_args.hub_model_id or output_dir.name
     details = "".join(f", {name} {value}" for name, value in (("label set", data_args.label_set),
@@ -391,11 +727,11 @@ def main():
         logger.info(f"Pushed to {commit.commit_url}")
 
 
-def run() -> int:
-    """`main()`, with a problem the user can fix (a `MisterEError`: bad data, labels that cannot train, a non-finite
-    loss, an incomplete checkpoint) reported as one line on stderr and exit status 1."""
+def run(argv: list[str] | None = None) -> int:
+    """`main(argv)`, with a problem the user can fix (a `MisterEError`: bad arguments or data, labels that cannot
+    train, a non-finite loss, an incomplete checkpoint) reported as one line on stderr and exit status 1."""
     try:
-        main()
+        main(argv)
     except (MisterEError, StrictDataclassError) as error:  # config settings are checked by strict dataclasses
         message = " ".join(str(error).split())
         logger.error(message)

@@ -1,10 +1,15 @@
-"""Checkpoints a run can resume from: what makes one complete, and finding the newest complete one.
+"""Checkpoints a run can resume from: what makes one complete, finding the newest complete one, and refusing one
+made with other settings.
 
 `Trainer` writes a checkpoint folder file by file (weights, optimizer, scheduler, random states, and the trainer state
 last), so a kill while it writes leaves a folder that lacks some of them, and every later run that trusts it fails.
 `find_resumable_checkpoint` picks the newest complete checkpoint instead and moves each incomplete one aside to
 `incomplete-checkpoint-<step>`: never deleted (the user may want to look), and out of reach of `Trainer`'s checkpoint
 rotation, which deletes every folder named `checkpoint-*`.
+
+`check_resume_settings` compares a checkpoint's `config.json` and `training_args.json` with the run about to resume
+from it: resuming with other settings would continue the old optimizer and schedule under the new ones (or fail on a
+weight shape) and record settings that never trained the model.
 """
 
 import json
@@ -15,6 +20,8 @@ from pathlib import Path
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
+
+from .errors import TrainingError
 
 
 logger = logging.get_logger(__name__)
@@ -118,4 +125,105 @@ def find_resumable_checkpoint(output_dir: str | os.PathLike, need_optimizer: boo
     return found
 
 
-__all__ = ["checkpoint_problem", "find_resumable_checkpoint", "move_aside", "INCOMPLETE_PREFIX"]
+# ------------------------------------------------------------------------------------------ settings on resume
+RESULT_ARGUMENTS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "weight_decay", "warmup_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "seed", "data_seed", "optim",
+    "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "label_smoothing_factor",
+    "train_sampling_strategy", "length_column_name", "dataloader_drop_last", "eval_strategy", "eval_steps",
+    "save_strategy", "save_steps", "metric_for_best_model", "greater_is_better", "load_best_model_at_end",
+    "early_stopping_patience", "bf16", "fp16",
+)
+"""The training arguments that change what a run computes. A resumed run restores the optimizer, the scheduler and
+the trainer state of its checkpoint, which all follow the settings the checkpoint was made with."""
+
+IGNORED_CONFIG_KEYS = frozenset({
+    "transformers_version", "_name_or_path", "auto_map", "architectures", "dtype", "torch_dtype", "label2id",
+    # Trainer aligns the token ids with the tokenizer and turns the cache off when it starts; no effect on MiSTER-E
+    "pad_token_id", "bos_token_id", "eos_token_id", "use_cache",
+})
+"""Model settings that do not change the model: labels of where things came from, and bookkeeping. Also every
+`*_name_or_path` (a backbone's path: the same weights may sit in another folder)."""
+
+TRAINING_ARGS_FILE = "training_args.json"
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if key in IGNORED_CONFIG_KEYS or key.endswith("_name_or_path"):
+            continue
+        if isinstance(value, dict) and key not in ("id2label",):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _normalised(settings: dict) -> dict:
+    """JSON's view of `settings` (int keys become strings, tuples lists), as a checkpoint's files hold them."""
+    return json.loads(json.dumps(settings, default=str, sort_keys=True))
+
+
+def _differences(old: dict, new: dict, keys=None) -> list[str]:
+    """`"key old → new"` for each of `keys` (default: all) whose value differs between `old` and `new`."""
+    def shown(settings, key):
+        return json.dumps(settings[key]) if key in settings else "(absent)"
+
+    keys = keys if keys is not None else sorted(set(old) | set(new))
+    return [f"{key} {shown(old, key)} → {shown(new, key)}" for key in keys
+            if (key in old) != (key in new) or (key in old and old[key] != new[key])]
+
+
+def resume_settings_differences(checkpoint: str | os.PathLike, config=None, args=None) -> list[str]:
+    """What differs between the settings `checkpoint` was made with and this run's, as `"name old → new"`: the model
+    config (`config.json` against `config`, a `PreTrainedConfig`; see `IGNORED_CONFIG_KEYS`) and the training
+    arguments that change the result (`training_args.json` against `args`, a `TrainingArguments`; see
+    `RESULT_ARGUMENTS`). A file the checkpoint lacks is not compared (a warning says so)."""
+    checkpoint = Path(checkpoint)
+    differences = []
+    if config is not None:
+        path = checkpoint / "config.json"
+        if not path.exists():
+            logger.warning(f"{checkpoint} holds no config.json: its model settings cannot be compared with this run's.")
+        else:
+            try:
+                saved = type(config).from_json_file(str(path)).to_dict()
+            except Exception as error:  # noqa: BLE001 - any unreadable config makes the checkpoint unusable
+                raise TrainingError(f"Cannot resume from {checkpoint}: its config.json does not load "
+                                    f"({str(error).splitlines()[0]}).") from None
+            differences += _differences(_flatten(_normalised(saved)), _flatten(_normalised(config.to_dict())))
+    if args is not None:
+        path = checkpoint / TRAINING_ARGS_FILE
+        if not path.exists():
+            logger.warning(f"{checkpoint} holds no {TRAINING_ARGS_FILE}: its training arguments cannot be compared "
+                           "with this run's.")
+        else:
+            try:
+                saved = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as error:
+                raise TrainingError(f"Cannot resume from {checkpoint}: its {TRAINING_ARGS_FILE} does not parse "
+                                    f"({error}).") from None
+            current = _normalised(json.loads(args.to_json_string()))
+            keys = [k for k in RESULT_ARGUMENTS if k in saved and k in current]
+            differences += _differences(saved, current, keys)
+    return differences
+
+
+def check_resume_settings(checkpoint: str | os.PathLike, config=None, args=None) -> None:
+    """Refuses (`TrainingError`, naming each difference as `name old → new`) to resume from `checkpoint` with model
+    or training settings other than those it was made with: the restored weights, optimizer, scheduler and state
+    would continue the old run under the new settings (or fail on a shape), and the saved model, results and card
+    would record settings that never trained it."""
+    differences = resume_settings_differences(checkpoint, config, args)
+    if differences:
+        checkpoint = Path(checkpoint)
+        raise TrainingError(
+            f"{checkpoint} was made with other settings than this run's, so resuming from it would mix them: "
+            f"{'; '.join(differences)}. Give a new output_dir to train with the new settings (or move the "
+            f"checkpoint-* folders of {checkpoint.parent} away to start over there), or rerun with the old settings "
+            "to resume.")
+
+
+__all__ = ["checkpoint_problem", "find_resumable_checkpoint", "move_aside", "check_resume_settings",
+           "resume_settings_differences", "INCOMPLETE_PREFIX", "RESULT_ARGUMENTS"]

@@ -1,16 +1,20 @@
 """`MisterETrainer`: `Trainer` with MiSTER-E's losses logged one by one, predictions that keep the gate weights, and
 training that cannot go silently wrong or be lost.
 
-- It refuses, before any compute, training data that cannot train (`check_labels`), stops with a `TrainingError` at
-  the first non-finite loss or gradient, and never saves a model or checkpoint holding a non-finite value.
+- It refuses, before any compute, training data that cannot train (`check_labels`) and training arguments it would
+  silently ignore or that cannot work (`check_training_arguments`), stops with a `TrainingError` at the first
+  non-finite loss or gradient (`FiniteTrainingMixin`, which backbone fine-tuning uses too), and never saves a model or
+  checkpoint holding a non-finite value.
 - A run killed at any checkpoint and resumed with the same seed ends with the uninterrupted run's weights and
   `train_loss`: the length-grouped shuffle depends on the seed and the epoch only (`EpochSeededLengthGroupedSampler`),
   and the running loss sums travel in each checkpoint (`LOSS_TOTALS_NAME`).
-- Resuming picks the newest complete checkpoint (`find_resumable_checkpoint`) and moves incomplete ones aside, and
-  every result file is written to a temporary name and moved into place (`mister_e_hf.atomic`).
+- Resuming picks the newest complete checkpoint (`find_resumable_checkpoint`) and moves incomplete ones aside,
+  refuses one made with other model or training settings (`check_resume_settings`), and every result file is written
+  to a temporary name and moved into place (`mister_e_hf.atomic`).
 """
 
 import dataclasses
+import difflib
 import json
 import math
 from collections import Counter, defaultdict
@@ -27,7 +31,7 @@ from transformers.utils import logging
 
 from .atomic import atomic_write_json, atomic_write_text, strict_json
 from .cache import fit_embedding_statistics
-from .checkpoints import checkpoint_problem, find_resumable_checkpoint
+from .checkpoints import check_resume_settings, checkpoint_problem, find_resumable_checkpoint
 from .data.common import UNLABELLED
 from .errors import TrainingError
 from .outputs import MisterEOutput
@@ -66,6 +70,28 @@ def _column(dataset, name: str) -> list:
     return list(dataset.with_format(None)[name]) if hasattr(dataset, "with_format") else list(dataset[name])
 
 
+def _numbers(dataset, column: str, split: str) -> list[float]:
+    """The labelled values of a per-turn regression column (None and "" are unlabelled), refusing (`TrainingError`
+    naming the conversation and turn) a value that is not a number, e.g. a column of text."""
+    values = []
+    rows, columns = _column(dataset, column), getattr(dataset, "column_names", [])
+    ids = _column(dataset, "conversation_id") if "conversation_id" in columns else range(len(rows))
+    turns = _column(dataset, "turns") if "turns" in columns else [None] * len(rows)
+    for row, conversation, numbers in zip(rows, ids, turns):
+        for position, value in enumerate(row):
+            if value is None or value == "":
+                continue
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                values.append(float(value))
+            except (TypeError, ValueError):
+                turn = numbers[position] if numbers else position
+                raise TrainingError(f"The {split} split's {column!r} labels must be numbers (a regression target): "
+                                    f"conversation {conversation!r}, turn {turn} holds {value!r}.") from None
+    return values
+
+
 def check_labels(dataset, split: str, label_names: list[str], head: str = "classification",
                  label_column: str = "labels", label_columns: list[str] | None = None,
                  training: bool = True) -> None:
@@ -81,8 +107,7 @@ def check_labels(dataset, split: str, label_names: list[str], head: str = "class
     if head == "regression":
         counts = {}
         for column in label_columns or []:
-            values = np.array([float(v) for row in _column(dataset, column) for v in row if v is not None and v != ""],
-                              dtype=np.float64)
+            values = np.array(_numbers(dataset, column, split), dtype=np.float64)
             if np.isinf(values).any():
                 raise TrainingError(f"The {split} split's {column!r} labels hold an infinite value; only finite "
                                     "values (or empty / NaN for unlabelled) can train a regression.")
@@ -146,7 +171,169 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, ok in zip(names, flags.tolist()) if not ok]
 
 
-class MisterETrainer(Trainer):
+class FiniteTrainingMixin:
+    """For a `Trainer` subclass: stops training with a `TrainingError` naming the step and epoch at the first
+    non-finite loss (`compute_loss`, before its backward) or gradient (after the last backward of an optimizer step,
+    before the optimizer uses it). `MisterETrainer` and the backbone fine-tuning's trainer both use it."""
+
+    def _where(self, during_step: bool = True) -> str:
+        """'training step 7 of 36 (epoch 3 of 12)': the step being computed, or (`during_step=False`) the last one
+        done. `state.epoch` is the fraction of epochs done, so its whole part is the running epoch's index."""
+        state = self.state
+        epochs = f" of {math.ceil(state.num_train_epochs)}" if state.num_train_epochs else ""
+        step = state.global_step + 1 if during_step else state.global_step
+        return (f"{'' if during_step else 'after '}training step {step} of {state.max_steps} "
+                f"(epoch {int(state.epoch or 0) + 1 if during_step else math.ceil(state.epoch or 0)}{epochs})")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`Trainer.compute_loss`; in training, a non-finite loss raises a `TrainingError`."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and not bool(torch.isfinite(loss.detach()).all()):
+            raise TrainingError(
+                f"Non-finite loss at {self._where()}: {loss.detach().float().mean().item():.4g}. Training stopped "
+                "before this step's update; nothing was saved from this state. Look for NaN or infinite inputs or "
+                "labels, or lower the learning rate.")
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the last backward before the optimizer step
+            self._check_gradients()
+        return loss
+
+    def _check_gradients(self) -> None:
+        """Raises a `TrainingError` naming the parameters whose gradient holds a NaN or an infinity, with one fused
+        norm over all gradients (one device sync). Skipped under a gradient scaler (fp16), which skips such steps
+        itself."""
+        if getattr(self.accelerator, "scaler", None) is not None:
+            return
+        if getattr(self, "_gradients", None) is None:
+            self._gradients = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named = [(n, p.grad) for n, p in self._gradients if p.grad is not None]
+        if not named:
+            return
+        norms = torch._foreach_norm([g for _, g in named])
+        try:
+            finite = torch.isfinite(torch.stack(norms))
+        except RuntimeError:  # gradients on several devices, or of several dtypes
+            finite = torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]))
+        if bool(finite.all()):
+            return
+        bad = [(n, g) for (n, g), ok in zip(named, finite.tolist()) if not ok]
+        details = ", ".join(
+            f"{n} ({int((~torch.isfinite(g)).sum())} of {g.numel()} values non-finite)"
+            if not torch.isfinite(g).all() else f"{n} (finite values, but their norm overflows)" for n, g in bad[:5])
+        raise TrainingError(
+            f"Non-finite gradient at {self._where()}: {details}"
+            + (f" and {len(bad) - 5} more parameters" if len(bad) > 5 else "")
+            + ". Training stopped before the optimizer used it; nothing was saved from this state. Look for NaN or "
+            "infinite inputs, or lower the learning rate.")
+
+
+# ------------------------------------------------------------------------------------------ training arguments
+def _lower_is_better(metric: str) -> bool | None:
+    """Whether a smaller value of `metric` (without `eval_`) is better: True for losses and errors, False for
+    accuracies, F1 and CCC, None when neither (gate weights)."""
+    if metric.endswith("loss") or metric.startswith("mae"):
+        return True
+    if metric.startswith("gate_"):
+        return None
+    return False
+
+
+def training_argument_problems(args, compute_metrics=None, training: bool = True, data_collator=None) -> list[str]:
+    """What makes `args` unusable by `MisterETrainer`, one phrase per problem (see `check_training_arguments`)."""
+    problems = []
+
+    def number(name, minimum, inclusive=True, integer=False, why=""):
+        value = getattr(args, name, None)
+        if value is None:
+            return
+        bad = (isinstance(value, float) and not math.isfinite(value)) or (
+            value < minimum if inclusive else value <= minimum)
+        if bad:
+            limit = f">= {minimum}" if inclusive else f"> {minimum}"
+            problems.append(f"{name} is {value} (it must be {limit}" + ("" if integer else " and finite") + f"){why}")
+
+    if getattr(args, "label_smoothing_factor", 0.0):
+        problems.append(f"label_smoothing_factor is {args.label_smoothing_factor}, but MiSTER-E computes its own "
+                        "losses and Trainer's label smoother never runs (it would be silently ignored): leave it 0 "
+                        "(the config's focal_gamma down-weights easy utterances instead)")
+    if getattr(args, "eval_do_concat_batches", True) is False:
+        problems.append("eval_do_concat_batches=False is not supported: metrics, plots and the non-finite check "
+                        "need the whole split's predictions")
+    if getattr(args, "batch_eval_metrics", False) and compute_metrics is not None:
+        problems.append("batch_eval_metrics=True is not supported: metrics and the non-finite check need the whole "
+                        "split's predictions")
+    if getattr(args, "prediction_loss_only", False) and compute_metrics is not None:
+        problems.append("prediction_loss_only=True would skip compute_metrics (no accuracy, F1, CCC or gate "
+                        "weights, and metric_for_best_model would not exist): leave it False")
+    if getattr(args, "label_names", None) not in (None, ["labels"]):
+        problems.append(f"label_names={args.label_names} is not supported: the conversation collator always gives "
+                        "the labels as `labels`")
+    if getattr(args, "remove_unused_columns", False) and data_collator is not None and hasattr(
+            data_collator, "label_columns"):
+        problems.append("remove_unused_columns=True would drop the conversation columns (texts, audio, cached "
+                        "embeddings) that DataCollatorForConversations reads: set it to False")
+    if getattr(args, "neftune_noise_alpha", None) is not None:
+        problems.append("neftune_noise_alpha is not supported: MiSTER-E has no single input-embedding layer to add "
+                        "noise to")
+    number("per_device_eval_batch_size", 1, integer=True)
+    number("dataloader_num_workers", 0, integer=True)
+    if not 0 <= getattr(args, "seed", 0) < 2**32:
+        problems.append(f"seed is {args.seed} (it must be in [0, 2**32), as numpy's)")
+    if training:
+        number("per_device_train_batch_size", 1, integer=True)
+        number("gradient_accumulation_steps", 1, integer=True)
+        if getattr(args, "max_steps", -1) <= 0:
+            number("num_train_epochs", 0, inclusive=False, why=": 0 epochs train nothing (or give max_steps > 0)")
+        number("learning_rate", 0, inclusive=False)
+        number("weight_decay", 0)
+        number("warmup_steps", 0)
+        number("max_grad_norm", 0)
+        number("adam_epsilon", 0, inclusive=False)
+    if training and getattr(args, "metric_for_best_model", None) and getattr(args, "eval_strategy", "no") != "no":
+        metric = args.metric_for_best_model
+        name = metric[len("eval_"):] if metric.startswith("eval_") else metric
+        given = getattr(compute_metrics, "metric_names", None) if compute_metrics is not None else []
+        if given is not None:
+            available = ["loss", *LOSS_COMPONENTS, *given]
+            if name not in available:
+                close = difflib.get_close_matches(name, available, n=1, cutoff=0.6) or difflib.get_close_matches(
+                    name.lower(), available, n=1, cutoff=0.6)
+                problems.append(f"metric_for_best_model {metric!r} is not a metric of this evaluation ("
+                                + (f"did you mean {close[0]!r}? " if close else "")
+                                + f"it gives: {', '.join(available)})")
+        lower = _lower_is_better(name)
+        if lower is not None and getattr(args, "greater_is_better", None) is lower:
+            problems.append(f"greater_is_better is {args.greater_is_better} for metric_for_best_model {metric!r}, "
+                            f"which is {'lower' if lower else 'higher'}-is-better: the worst model would be kept "
+                            f"(set greater_is_better {not lower})")
+    return problems
+
+
+def check_training_arguments(args, compute_metrics=None, training: bool = True, data_collator=None) -> None:
+    """Refuses, with one `TrainingError` listing every problem, `TrainingArguments` that `MisterETrainer` would
+    silently ignore or cannot honour, and nonsense numbers, before any compute (`training_argument_problems`):
+
+    - `label_smoothing_factor` (MiSTER-E computes its own losses; `Trainer`'s label smoother never runs: use the
+      config's `focal_gamma`), `eval_do_concat_batches=False` and `batch_eval_metrics` (metrics and the non-finite
+      check need whole-split predictions), `prediction_loss_only` with a `compute_metrics` (it would never run),
+      `label_names` other than `["labels"]`, `remove_unused_columns` with the conversation collator (it would drop
+      the columns the collator reads);
+    - batch sizes and gradient accumulation below 1, and for training (`training=True`) no step to train
+      (`num_train_epochs` <= 0 without `max_steps`), a learning rate that is not positive and finite, and non-finite
+      or negative weight decay, warm-up, gradient clipping or Adam epsilon;
+    - for training with evaluation, a `metric_for_best_model` that `compute_metrics` does not give (when it says
+      what it gives: `build_compute_metrics` does, as `metric_names`) or whose `greater_is_better` points the wrong
+      way (`mae_*` and losses are lower-is-better). A `compute_metrics` without `metric_names` is taken at its
+      word: the metric's name is not checked."""
+    problems = training_argument_problems(args, compute_metrics, training, data_collator)
+    if problems:
+        raise TrainingError("Training arguments that cannot work: " + "; ".join(problems) + ".")
+
+
+class MisterETrainer(FiniteTrainingMixin, Trainer):
     """A `Trainer` for [`MisterEModel`].
 
     - `compute_loss` takes the model's total loss (the mixture's loss plus the contrastive and KL terms, weighted
@@ -154,8 +341,12 @@ class MisterETrainer(Trainer):
       logs (`mixture_loss`, `supcon_loss`, ...) and `evaluation_loop` to evaluation metrics (`eval_mixture_loss`).
     - `prediction_step` returns `(logits, gate_weights)` as predictions, so that `compute_metrics` and `predict` see
       the experts' weights beside the mixture; predictions come in the dataset's order.
+    - Training arguments it would silently ignore (`label_smoothing_factor`, ...) or that cannot work (no step to
+      train, a `metric_for_best_model` that evaluation does not give) are refused up front
+      (`check_training_arguments`).
     - `train` refuses labels that cannot train (`check_labels`) before any compute, resumes from the newest complete
-      checkpoint for `resume_from_checkpoint=True` (`find_resumable_checkpoint`) and refuses an incomplete one.
+      checkpoint for `resume_from_checkpoint=True` (`find_resumable_checkpoint`) and refuses an incomplete one, or
+      one made with other settings (`check_resume_settings`).
     - Training stops with a `TrainingError` naming the step, the epoch and the loss term or parameter at the first
       non-finite loss or gradient (before the optimizer uses it), and evaluation at the first non-finite metric or
       prediction; no model or checkpoint with a non-finite weight is ever saved.
@@ -165,6 +356,10 @@ class MisterETrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_training_arguments(self.args, self.compute_metrics, training=False, data_collator=self.data_collator)
+        processor = getattr(self.data_collator, "processor", None) or self.processing_class
+        if hasattr(self.model, "check_processor") and hasattr(processor, "modalities"):
+            self.model.check_processor(processor)  # e.g. a processor without the model's tokenizer
         self._components = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._resume_totals = None
         self._loss_totals_restored = False
@@ -177,10 +372,13 @@ class MisterETrainer(Trainer):
         """`Trainer.train`, after
 
         - refusing training (and, when evaluation is scheduled, validation) labels that cannot train or evaluate;
+        - refusing training arguments it would ignore or that cannot work (`check_training_arguments`);
         - resolving `resume_from_checkpoint=True` to the newest complete checkpoint of `output_dir` (moving
-          incomplete ones aside), or refusing an incomplete checkpoint given by path;
+          incomplete ones aside), or refusing an incomplete checkpoint given by path, or one made with other model
+          or training settings (`check_resume_settings`: resuming would mix them);
         - fitting the model's embedding standardisation (`config.standardize_embeddings`) on the training set's
           cached embeddings if it was never fitted (a resumed run then loads the same values)."""
+        check_training_arguments(self.args, self.compute_metrics, training=True, data_collator=self.data_collator)
         self._check_datasets()
         if resume_from_checkpoint is True:
             resume_from_checkpoint = find_resumable_checkpoint(self.args.output_dir, not self.args.save_only_model)
@@ -190,6 +388,7 @@ class MisterETrainer(Trainer):
             problem = checkpoint_problem(resume_from_checkpoint, not self.args.save_only_model)
             if problem:
                 raise TrainingError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+            check_resume_settings(resume_from_checkpoint, self.model.config, self.args)
             logger.info(f"Resuming from {resume_from_checkpoint}")
         self._resume_totals = self._read_loss_totals(resume_from_checkpoint) if resume_from_checkpoint else None
         if not getattr(self.model, "embedding_statistics_fitted", True) and self.train_dataset is not None:
@@ -243,16 +442,6 @@ class MisterETrainer(Trainer):
             return None
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
-    # ------------------------------------------------------------------------------------------- loss checks
-    def _where(self, during_step: bool = True) -> str:
-        """'training step 7 of 36 (epoch 3 of 12)': the step being computed, or (`during_step=False`) the last one
-        done. `state.epoch` is the fraction of epochs done, so its whole part is the running epoch's index."""
-        state = self.state
-        epochs = f" of {math.ceil(state.num_train_epochs)}" if state.num_train_epochs else ""
-        step = state.global_step + 1 if during_step else state.global_step
-        return (f"{'' if during_step else 'after '}training step {step} of {state.max_steps} "
-                f"(epoch {int(state.epoch or 0) + 1 if during_step else math.ceil(state.epoch or 0)}{epochs})")
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's own total loss. The model averages over labelled utterances itself, so `num_items_in_batch`
         is not used (the Trainer divides by the gradient-accumulation steps, as for any model without loss kwargs).
@@ -275,40 +464,6 @@ class MisterETrainer(Trainer):
                 "update; nothing was saved from this state. Look for NaN or infinite inputs or labels, or lower the "
                 "learning rate.")
         return (outputs.loss, outputs) if return_outputs else outputs.loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:  # the last backward before the optimizer step
-            self._check_gradients()
-        return loss
-
-    def _check_gradients(self) -> None:
-        """Raises a `TrainingError` naming the parameters whose gradient holds a NaN or an infinity, with one fused
-        norm over all gradients (one device sync). Skipped under a gradient scaler (fp16), which skips such steps
-        itself."""
-        if getattr(self.accelerator, "scaler", None) is not None:
-            return
-        if self._gradients is None:
-            self._gradients = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        named = [(n, p.grad) for n, p in self._gradients if p.grad is not None]
-        if not named:
-            return
-        norms = torch._foreach_norm([g for _, g in named])
-        try:
-            finite = torch.isfinite(torch.stack(norms))
-        except RuntimeError:  # gradients on several devices, or of several dtypes
-            finite = torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]))
-        if bool(finite.all()):
-            return
-        bad = [(n, g) for (n, g), ok in zip(named, finite.tolist()) if not ok]
-        details = ", ".join(
-            f"{n} ({int((~torch.isfinite(g)).sum())} of {g.numel()} values non-finite)"
-            if not torch.isfinite(g).all() else f"{n} (finite values, but their norm overflows)" for n, g in bad[:5])
-        raise TrainingError(
-            f"Non-finite gradient at {self._where()}: {details}"
-            + (f" and {len(bad) - 5} more parameters" if len(bad) > 5 else "")
-            + ". Training stopped before the optimizer used it; nothing was saved from this state. Look for NaN or "
-            "infinite inputs, or lower the learning rate.")
 
     # ------------------------------------------------------------------------------------ whole-run loss sums
     def _loss_totals(self) -> dict:
@@ -476,7 +631,8 @@ def flatten_predictions(predictions, label_ids) -> tuple[np.ndarray, np.ndarray,
 def build_compute_metrics(label_names: list[str], expert_names: list[str], metric=None, head: str = "classification"):
     """`compute_metrics` for the Trainer: the ERC metrics (accuracy, weighted/macro F1, per-class F1), or for a
     regression head CCC and MAE per dimension and `ccc_mean`; and the mean gate weight of each expert over the
-    labelled utterances (`gate_<expert>`)."""
+    labelled utterances (`gate_<expert>`). The function's `metric_names` lists them (without `eval_`), for
+    `check_training_arguments` to check `metric_for_best_model` against before training."""
     from .metrics import load_erc_metric, regression_metrics
 
     if metric is None and head == "classification":
@@ -492,8 +648,14 @@ def build_compute_metrics(label_names: list[str], expert_names: list[str], metri
         results.update({f"gate_{name}": float(w) for name, w in zip(expert_names, gates.mean(0))})
         return results
 
+    if head == "regression":
+        names = [f"{kind}_{name}" for name in label_names for kind in ("ccc", "mae")] + ["ccc_mean"]
+    else:
+        names = ["accuracy", "weighted_f1", "macro_f1", *(f"f1_{name}" for name in label_names)]
+    compute_metrics.metric_names = names + [f"gate_{name}" for name in expert_names]
     return compute_metrics
 
 
-__all__ = ["MisterETrainer", "build_compute_metrics", "flatten_predictions", "check_labels",
+__all__ = ["MisterETrainer", "FiniteTrainingMixin", "build_compute_metrics", "flatten_predictions", "check_labels",
+           "check_training_arguments", "training_argument_problems",
            "EpochSeededLengthGroupedSampler", "LOSS_COMPONENTS", "LOSS_TOTALS_NAME"]
