@@ -521,7 +521,9 @@ def test_model_conventions_return_dict_half_backbones_and_config_bounds(tiny_bac
     for bad, message in ((dict(gate_temperature=1e-300), "at least 0.001"), (dict(initializer_range=-0.02), ">= 0"),
                          (dict(speech_embed_layers=-1, speech_layers="concat"), "must be positive"),
                          (dict(text_views=["text", "audio"]), "not text"),
-                         (dict(text_views=["text", "speaker"]), "speakers")):
+                         (dict(text_views=["text", "speaker"]), "speakers"),
+                         (dict(projection_dimm=16), "Unknown MisterEConfig settings: 'projection_dimm' \\(did you mean "
+                                                    "'projection_dim'")):
         with pytest.raises(Exception, match=message):
             MisterEConfig(speech_embed_dim=8, text_embed_dim=8, num_labels=2, **bad)
 

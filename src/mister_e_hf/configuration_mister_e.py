@@ -206,6 +206,30 @@ class MisterEConfig(PreTrainedConfig):
         layers = self.embed_layers(modality)
         return (*([layers] if layers else []), self.embed_dim(modality))
 
+    TRANSFORMERS_KEYWORDS = frozenset({
+        "model_type", "num_labels", "name_or_path", "torch_dtype", "output_attentions", "attn_implementation",
+        "experts_implementation", "per_layer_config", "rope_scaling", "rope_theta", "transformers_version",
+        "auto_map", "architectures", "custom_pipelines",
+    })
+    """Keywords `PreTrainedConfig` takes besides its fields (bookkeeping of saved configs)."""
+
+    def __post_init__(self, **kwargs):
+        """Refuses keywords that are no setting of this config: `PreTrainedConfig` keeps any keyword as an attribute,
+        so a misspelt setting (`projection_dimm=16`) would otherwise do nothing, silently."""
+        import dataclasses
+        import difflib
+
+        from transformers import GenerationConfig
+
+        known = {f.name for f in dataclasses.fields(self)} | self.TRANSFORMERS_KEYWORDS \
+            | set(GenerationConfig._get_default_generation_params())
+        unknown = sorted(k for k in kwargs if k not in known and not k.startswith("_"))
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
+            raise ValueError("Unknown MisterEConfig settings: " + ", ".join(
+                f"{k!r}" + (f" (did you mean {hints[k][0]!r}?)" if hints[k] else "") for k in unknown) + ".")
+        super().__post_init__(**kwargs)
+
     def validate_mister_e(self):
         """Checked at construction: names exist in their registries and sizes are consistent."""
         from .fusion_mister_e import GATES
