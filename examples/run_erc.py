@@ -26,6 +26,8 @@ state, and no argument is silently ignored.
 import argparse
 import dataclasses
 import difflib
+import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -36,7 +38,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import transformers
 import yaml
 from datasets import DatasetDict
@@ -46,21 +47,19 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArgume
 from transformers.hf_argparser import string_to_bool
 
 from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor, hub
-from mister_e_hf.atomic import atomic_write_json
 from mister_e_hf.cache import add_cached_embeddings
 from mister_e_hf.checkpoints import check_resume_settings, checkpoint_problem, find_resumable_checkpoint
-from mister_e_hf.data import DataCollatorForConversations, load_corpus, loader_options
+from mister_e_hf.data import DataCollatorForConversations, load_corpus, loader_arguments, loader_options
 from mister_e_hf.errors import CorpusError, MisterEError, TrainingError
 from mister_e_hf.finetuning import finetune_backbone, finetuning_problems
-from mister_e_hf.metrics import load_erc_metric
+from mister_e_hf.evaluation import evaluate_split
 from mister_e_hf.modelcard import write_model_card
-from mister_e_hf.plotting import plot_confusion_matrix, plot_gate_weights_by_class
+from mister_e_hf.registry import HEADS, LOADERS
 from mister_e_hf.trainer import (
     MisterETrainer,
     build_compute_metrics,
     check_labels,
     check_training_arguments,
-    flatten_predictions,
     training_argument_problems,
 )
 
@@ -70,6 +69,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
+    plugins: str | None = field(
+        default=None, metadata={"help": "Comma-separated Python modules (or .py files) imported first: plug-in "
+                                        "components (fusions, heads, gates, context layers, poolings, layer "
+                                        "combiners, corpus loaders) register themselves when imported."}
+    )
     speech_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Speech backbone: a Hub id or a local folder (any transformers audio encoder)."}
     )
@@ -84,8 +88,8 @@ class ModelArguments:
     )
     head: str = field(
         default="classification",
-        metadata={"help": "classification (emotion classes) or regression (dimensions given by --label_columns).",
-                  "choices": ["classification", "regression"]},
+        metadata={"help": "A registered head: classification (emotion classes), regression (dimensions given by "
+                          "--label_columns), or a plug-in's (import it with --plugins)."},
     )
     freeze_backbones: bool = field(
         default=False, metadata={"help": "Keep the backbones fixed and train on cached utterance embeddings."}
@@ -112,7 +116,7 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(
-        metadata={"help": "Corpus loader.", "choices": ["meld", "iemocap", "mosi", "emodb", "manifest"]}
+        metadata={"help": f"A registered corpus loader: {', '.join(LOADERS)}, or a plug-in's (see --plugins)."}
     )
     data_dir: str | None = field(
         default=None,
@@ -310,19 +314,19 @@ def parse_overrides(text: str | None) -> dict:
 
 
 DATA_OPTIONS = {
-    # loader option: (the argument that gives it, how the argument's value becomes the option's)
+    # data argument: (the generic loader option it gives, how its value becomes the option's)
     "audio_dir": ("audio_dir", None),
-    "label_column": ("label_set", None),  # MELD names its label set by column: emotion | sentiment
     "label_set": ("label_set", None),
     "fold": ("fold", None),
-    "validation": ("emodb_validation", None),
+    "emodb_validation": ("validation", None),
     "train_file": ("train_file", None),
     "validation_file": ("validation_file", None),
     "test_file": ("test_file", None),
-    "label_names": ("manifest_labels", lambda names: names.split(",")),
+    "manifest_labels": ("label_names", lambda names: names.split(",")),
 }
-"""How the data arguments map onto corpus loader options. Only the options a user gave reach the loader (its own
-defaults hold otherwise), and an argument the chosen corpus does not take is an error, never silently ignored."""
+"""How the data arguments map onto corpus loader options (`mister_e_hf.data.loader_arguments`). Only the options a
+user gave reach the loader (its own defaults hold otherwise), and an argument the chosen corpus does not take is an
+error, never silently ignored."""
 
 
 def load_data(data_args: DataArguments, label_names: list[str] | None = None):
@@ -334,18 +338,14 @@ def load_data(data_args: DataArguments, label_names: list[str] | None = None):
         data_dir = str(Path(os.environ["MISTER_E_DATA"]) / data_args.dataset)
     if data_dir is None and data_args.dataset != "manifest":
         raise CorpusError(f"Give --data_dir (the {data_args.dataset} folder) or set MISTER_E_DATA.")
-    accepted = loader_options(data_args.dataset)
-    options = {"skip_invalid": data_args.skip_invalid, **({"data_dir": data_dir} if data_dir is not None else {})}
     defaults = DataArguments(dataset=data_args.dataset)
-    for option, (argument, convert) in DATA_OPTIONS.items():
-        value = getattr(data_args, argument)
-        if value is None or value == getattr(defaults, argument):
-            continue
-        if option in accepted:
-            options[option] = convert(value) if convert else value
-        elif not any(o in accepted for o, (a, _) in DATA_OPTIONS.items() if a == argument):
-            raise CorpusError(f"--{argument} does not apply to --dataset {data_args.dataset} (its loader takes: "
-                              f"{', '.join(accepted)}).")
+    given = {option: (convert(value) if convert else value)
+             for argument, (option, convert) in DATA_OPTIONS.items()
+             if (value := getattr(data_args, argument)) is not None and value != getattr(defaults, argument)}
+    flags = {option: f"--{argument}" for argument, (option, _) in DATA_OPTIONS.items()}
+    options = loader_arguments(data_args.dataset, {**flags, "skip_invalid": "--skip_invalid"}, data_dir=data_dir,
+                               skip_invalid=data_args.skip_invalid or None, **given)
+    accepted = loader_options(data_args.dataset)
     if label_names is not None and "label_names" in accepted and "label_names" not in options:
         options["label_names"] = list(label_names)
     datasets, report = load_corpus(data_args.dataset, **options)
@@ -399,45 +399,6 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
     return model, processor
 
 
-def evaluate_split(trainer, dataset, split, label_names, expert_names, output_dir, head="classification"):
-    """Metrics of one split under `<split>_` names; for classification also a confusion-matrix PNG (and JSON) and the
-    mean gate weights per class."""
-    prediction = trainer.predict(dataset, metric_key_prefix=split)
-    predicted, true, probabilities, gates = flatten_predictions(prediction.predictions, prediction.label_ids)
-    metrics = dict(prediction.metrics)
-    if head == "regression":  # CCC / MAE per dimension come from compute_metrics
-        return metrics
-    extra = {}
-    if "score" in dataset.column_names:  # CMU-MOSI: binary accuracy/F1 (has-0, non-0), MAE and Pearson of the score
-        scores = np.array([s for row, labels in zip(dataset["score"], dataset["labels"])
-                           for s, label in zip(row, labels) if label != -1], dtype=np.float64)
-        extra = {"scores": scores, "predicted_scores": predicted_scores(probabilities, label_names)}
-    detailed = load_erc_metric().compute(predictions=predicted, references=true, label_names=label_names, **extra)
-    matrix = detailed.pop("confusion_matrix")
-    undefined = sorted(k for k, v in detailed.items() if isinstance(v, float) and not np.isfinite(v))
-    if undefined:  # e.g. MOSI's non-0 binary scores when every true score is 0: no value, not NaN in the JSON
-        logger.warning(f"{split}: {undefined} are undefined on this split; written as null.")
-        detailed.update(dict.fromkeys(undefined))
-    metrics.update({f"{split}_{k}": v for k, v in detailed.items()})
-    plot_confusion_matrix(matrix, label_names, Path(output_dir) / f"confusion_matrix_{split}.png",
-                          title=f"{split}: weighted F1 {100 * detailed['weighted_f1']:.1f}")
-    plot_gate_weights_by_class(gates, true, label_names, expert_names, Path(output_dir) / f"gate_weights_{split}.png",
-                               title=f"{split}: mean gate weight by true class")
-    atomic_write_json(Path(output_dir) / f"confusion_matrix_{split}.json", {"labels": label_names, "matrix": matrix},
-                      indent=1)
-    return metrics
-
-
-def predicted_scores(probabilities: np.ndarray, label_names: list[str]) -> np.ndarray:
-    """A sentiment score per utterance: the expected class value for numeric labels ('-3'..'3'), else
-    P(positive) - P(negative) scaled to [-3, 3] for binary labels."""
-    try:
-        values = np.array([float(name) for name in label_names])
-    except ValueError:
-        values = np.array([3.0 if "pos" in name else -3.0 for name in label_names])
-    return probabilities @ values
-
-
 # --------------------------------------------------------------------------------------------- argument checks
 FINETUNING_OPTIONS = ("finetuning_epochs", "finetuning_learning_rate", "lora_r", "lora_alpha")
 AS_SAVED = ("config_overrides", "speech_model_name_or_path", "text_model_name_or_path", "visual_model_name_or_path")
@@ -471,6 +432,29 @@ def caches_embeddings(model_args: ModelArguments, saved: MisterEConfig | None) -
     if saved is not None:
         return all(getattr(saved, f"freeze_{m}_backbone") for m in saved.modalities)
     return model_args.freeze_backbones or model_args.backbone_finetuning != "none"
+
+
+def import_plugins(plugins: str | None) -> list[str]:
+    """Imports each comma-separated module name or `.py` file of `plugins` (their components register themselves)."""
+    imported = []
+    for plugin in filter(None, (part.strip() for part in (plugins or "").split(","))):
+        try:
+            if plugin.endswith(".py"):
+                path = Path(plugin)
+                if not path.is_file():
+                    raise FileNotFoundError(f"no file {plugin}")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(plugin)
+        except MisterEError:
+            raise
+        except Exception as error:  # the plug-in's own failure: say which plug-in, keep its message
+            raise MisterEError(f"--plugins: importing {plugin!r} failed: {type(error).__name__}: {error}") from error
+        imported.append(plugin)
+    return imported
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
@@ -525,11 +509,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             problems.append(f"--label_columns {data_args.label_columns!r} "
                             + (f"repeats {repeated}" if repeated else "has an empty name")
                             + ": give each regression dimension once")
-    if (head == "regression") != bool(label_columns):
-        problems.append("a regression head needs --label_columns (and --label_columns needs --head regression)"
-                        if saved is None else
-                        f"{path} has a {head} head, which " + ("needs --label_columns" if head == "regression" else
-                                                              "takes no --label_columns"))
+    values = HEADS[head].target == "values"  # a head of values reads them from --label_columns
+    if values != bool(label_columns):
+        problems.append(f"a {head} head " + ("needs --label_columns (the per-turn columns of its dimensions)"
+                                             if values else "takes class labels, not --label_columns")
+                        + ("" if saved is None else f" ({path} has a {head} head)"))
 
     if model_args.backbone_finetuning != "none":
         problems += [f"--backbone_finetuning: {problem}" for problem in finetuning_problems(
@@ -602,6 +586,8 @@ def main(argv: list[str] | None = None):
                         handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()
     model_args, data_args, training_args, given, asked = parse_arguments(argv)
+    import_plugins(model_args.plugins)
+    HEADS[model_args.head], LOADERS[data_args.dataset]  # noqa: B018 - unknown names: errors listing the registered
     saved = saved_model_config(model_args)
     stages = requested_stages(asked)
     check_arguments(model_args, data_args, training_args, given, stages, saved)
@@ -624,7 +610,7 @@ def main(argv: list[str] | None = None):
             resume = find_resumable_checkpoint(output_dir, need_optimizer)  # the trainer says "Resuming from ..."
 
     saved_labels = [saved.id2label[i] for i in range(saved.num_labels)] if saved is not None else None
-    datasets, report = load_data(data_args, saved_labels if head == "classification" else None)
+    datasets, report = load_data(data_args, saved_labels if HEADS[head].target == "classes" else None)
     report.save(output_dir / "data_report.json")
     logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
     datasets = check_splits(datasets, stages, explicit=bool(asked))
@@ -632,9 +618,9 @@ def main(argv: list[str] | None = None):
     training_args.do_train, training_args.do_eval, training_args.do_predict = train, evaluate, predict
     label_columns = [c.strip() for c in data_args.label_columns.split(",")] if data_args.label_columns else None
     label_names = label_columns or next(iter(datasets.values())).features["labels"].feature.names
-    if head == "regression" and "metric_for_best_model" not in given:
-        training_args.metric_for_best_model = "ccc_mean"
-        training_args.greater_is_better = True
+    if "metric_for_best_model" not in given:  # what the head leads with (weighted F1, mean CCC, ...)
+        training_args.metric_for_best_model = HEADS[head].headline_metric
+        training_args.greater_is_better = HEADS[head].greater_is_better
     if not train or "validation" not in datasets:  # no evaluation while training
         if train and training_args.eval_strategy != "no":
             asked_for = [f"--{name}" for name in EVALUATION_OPTIONS if name in given and getattr(training_args, name)]
@@ -649,9 +635,10 @@ def main(argv: list[str] | None = None):
                      training=split == "train")
 
     model, processor = build_model(model_args, label_names)
-    compute_metrics = build_compute_metrics(label_names, model.expert_names, head=head)
+    compute_metrics = build_compute_metrics(label_names, model.expert_names, head=model.head)
     collator = DataCollatorForConversations(processor, label_columns=label_columns)
-    check_training_arguments(training_args, compute_metrics, training=train, data_collator=collator)
+    check_training_arguments(training_args, compute_metrics, training=train, data_collator=collator,
+                             loss_terms=list(model.loss_weights))
     if resume:  # before any compute: a checkpoint of other settings is refused (the trainer checks again)
         check_resume_settings(resume, model.config, training_args)
     if train and model_args.backbone_finetuning != "none":
@@ -707,8 +694,7 @@ def main(argv: list[str] | None = None):
     results = {}
     for split, prefix, wanted in (("validation", "eval", evaluate), ("test", "test", predict)):
         if wanted:
-            metrics = evaluate_split(trainer, datasets[split], prefix, label_names, model.expert_names, output_dir,
-                                     head)
+            metrics = evaluate_split(trainer, datasets[split], prefix, output_dir)
             trainer.save_metrics(prefix, metrics)
             results.update(metrics)
     logger.info("Results: " + json.dumps({k: v for k, v in results.items() if any(

@@ -518,7 +518,8 @@ def test_model_conventions_return_dict_half_backbones_and_config_bounds(tiny_bac
     with torch.no_grad():
         assert torch.isfinite(half.eval()(**MisterEProcessor.from_backbones(str(speech), str(text))(
             conversations=make_conversations([2], seed=9))).logits).all()
-    for bad, message in ((dict(gate_temperature=1e-300), "at least 0.001"), (dict(initializer_range=-0.02), ">= 0"),
+    for bad, message in ((dict(gate_temperature=1e-300), r"gate_temperature[\s\S]*greater or equal to 0.001"),
+                         (dict(initializer_range=-0.02), r"initializer_range[\s\S]*greater or equal to 0"),
                          (dict(speech_embed_layers=-1, speech_layers="concat"), "must be positive"),
                          (dict(text_views=["text", "audio"]), "not text"),
                          (dict(text_views=["text", "speaker"]), "speakers"),

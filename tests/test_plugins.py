@@ -76,7 +76,7 @@ def test_guided_gated_fusion_shapes_masks_gradients_and_distillation(build):
     rows_t = teacher.unsqueeze(2).expand_as(students)[keep].double().tolist()
     rows_s = students[keep].double().tolist()
     expected = reference_distillation(rows_t, rows_s, model.config.distillation_temperature)
-    assert expected > 1e-3 and out.distillation_loss.item() == pytest.approx(expected, rel=1e-9)
+    assert expected > 1e-3 and out.losses["distillation_loss"].item() == pytest.approx(expected, rel=1e-9)
     assert keep.sum() == 3 * 4  # 4 utterances with both modalities (the one without audio has no teacher)
 
     out.loss.backward()
@@ -143,7 +143,7 @@ def test_regression_head_learns_a_synthetic_valence_function(fusion):
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-    assert out.kl_loss is None and out.supcon_loss is None
+    assert "kl_loss" not in out.losses and "supcon_loss" not in out.losses
     model.eval()
     with torch.no_grad():
         predicted = model(speech_embeds=speech[test], text_embeds=text[test]).logits

@@ -96,8 +96,8 @@ def test_non_finite_loss_names_the_step_the_epoch_and_the_loss_term(tmp_path):
     def poison(module, args, kwargs, output):  # the fifth training forward: step 5 of 6, the second epoch
         calls.append(1)
         if module.training and len(calls) == 5:
-            output.supcon_loss = output.supcon_loss * float("nan")
-            output.loss = output.loss + output.supcon_loss
+            output.losses["supcon_loss"] = output.losses["supcon_loss"] * float("nan")
+            output.loss = output.loss + output.losses["supcon_loss"]
         return output
 
     model.register_forward_hook(poison, with_kwargs=True)

@@ -1,7 +1,8 @@
 """mister_e_hf: multimodal (speech + text) Emotion Recognition in Conversations with Hugging Face transformers.
 
-Importing the package registers MiSTER-E with `AutoConfig`, `AutoModel` and `AutoProcessor`, and the pipeline task
-`"conversational-emotion-recognition"`.
+Importing the package registers MiSTER-E with `AutoConfig`, `AutoModel` and `AutoProcessor`, the pipeline task
+`"conversational-emotion-recognition"`, and its built-in components (`list_components()`); `register_fusion`,
+`register_head`, ... add your own.
 """
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
@@ -13,6 +14,16 @@ from .modeling_mister_e import MisterEModel, MisterEPreTrainedModel
 from .outputs import MisterEOutput
 from .pipeline import TASK, ConversationalEmotionRecognitionPipeline
 from .processing_mister_e import MisterEProcessor
+from .registry import (
+    list_components,
+    register_context_layer,
+    register_fusion,
+    register_gate,
+    register_head,
+    register_layer_combiner,
+    register_loader,
+    register_pooling,
+)
 from .streaming import StreamingEmotionRecognizer
 
 
@@ -39,4 +50,12 @@ __all__ = [
     "TrainingError",
     "ConversationalEmotionRecognitionPipeline",
     "StreamingEmotionRecognizer",
+    "list_components",
+    "register_fusion",
+    "register_head",
+    "register_gate",
+    "register_context_layer",
+    "register_pooling",
+    "register_layer_combiner",
+    "register_loader",
 ]

@@ -170,47 +170,28 @@ def predict(args) -> None:
 
 
 def evaluate(args) -> None:
-    import numpy as np
-    import torch
-
-    from .data import DataCollatorForConversations, load_corpus, loader_options
-    from .metrics import load_erc_metric
+    """The metrics of a saved model on a corpus split, by the same path as `run_erc.py --do_eval`: `Trainer.predict`
+    and the model's head's metrics (classification or regression alike)."""
+    from .data import load_corpus, loader_arguments
+    from .evaluation import evaluate_split, evaluation_trainer, label_names
 
     check_output(args.output)
     model, processor = load(args.model)
-    options, flags = {"data_dir": args.data_dir}, {}
-    if args.label_set:
-        name = "label_column" if args.dataset == "meld" else "label_set"
-        options[name], flags[name] = args.label_set, "--label_set"
-    if args.fold is not None:
-        options["fold"], flags["fold"] = args.fold, "--fold"
-    accepted = loader_options(args.dataset)
-    for name, flag in flags.items():
-        if name not in accepted:
-            raise CliError(f"{flag} does not apply to {args.dataset} (its loader takes: {', '.join(accepted)})")
+    options = loader_arguments(args.dataset, {"label_set": "--label_set", "fold": "--fold"}, data_dir=args.data_dir,
+                               label_set=args.label_set, fold=args.fold)
     datasets, _ = load_corpus(args.dataset, **options)
     if args.split not in datasets:
         raise CliError(f"{args.dataset} has no split {args.split!r}; it has {sorted(datasets)}")
-    dataset = datasets[args.split]
-    label_names = dataset.features["labels"].feature.names
-    model_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if model_labels != label_names:
-        raise CliError(f"{args.model} predicts {model_labels}, but {args.dataset} is labelled {label_names}")
-    collate = DataCollatorForConversations(processor)
-    predicted, true, gates = [], [], []
-    with torch.no_grad():
-        for start in range(0, len(dataset), args.batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + args.batch_size, len(dataset)))])
-            labels = batch.pop("labels")
-            outputs = model(**batch)
-            mask = labels != -100
-            predicted.append(outputs.logits.argmax(-1)[mask])
-            true.append(labels[mask])
-            gates.append(outputs.gate_weights[mask])
-    predicted, true, gates = (torch.cat(x).numpy() for x in (predicted, true, gates))
-    results = load_erc_metric().compute(predictions=predicted, references=true, label_names=label_names)
-    results.update({f"gate_{name}": float(w) for name, w in zip(model.expert_names, np.mean(gates, 0))})
-    results = {f"{args.split}_{k}": v for k, v in results.items()}
+    dataset, names = datasets[args.split], label_names(model)
+    if model.head.target == "classes":
+        corpus_labels = dataset.features["labels"].feature.names
+        if corpus_labels != names:
+            raise CliError(f"{args.model} predicts {names}, but {args.dataset} is labelled {corpus_labels}")
+    elif missing := [name for name in names if name not in dataset.column_names]:
+        raise CliError(f"{args.model} predicts the dimensions {names}, but {args.dataset} has no column {missing}")
+    metrics = evaluate_split(evaluation_trainer(model, processor, args.batch_size, disable_tqdm=True), dataset,
+                             args.split, confusion_matrix=True)
+    results = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
     text = strict_json(results, indent=1)
     if args.output:
         with atomic_output(args.output) as temporary:
@@ -235,6 +216,13 @@ def plot_gates(args) -> None:
     with atomic_output(args.output) as temporary:
         plot_gate_weights_along_turns(gates, experts, temporary, labels=labels)
     print(f"wrote {args.output}")
+
+
+def _loaders() -> list[str]:
+    from .registry import LOADERS, load_builtins
+
+    load_builtins()
+    return list(LOADERS)
 
 
 def positive_int(text: str) -> int:
@@ -262,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="the training metrics of a model on a corpus split")
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True, choices=["meld", "iemocap", "mosi", "emodb", "manifest"])
+    p.add_argument("--dataset", required=True, help="a registered corpus loader: " + ", ".join(_loaders()))
     p.add_argument("--data_dir", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--label_set")

@@ -5,6 +5,9 @@ from dataclasses import field
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils.type_validators import interval
+
+from .registry import CONTEXT_LAYERS, FUSIONS, GATES, HEADS, LAYER_COMBINERS, POOLINGS, load_builtins
 
 
 MIN_TEMPERATURE = 1e-3
@@ -105,58 +108,63 @@ class MisterEConfig(PreTrainedConfig):
     backbone_chunk_size: int | None = None
     """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
 
-    projection_dim: int = 256
+    projection_dim: int = interval(min=1)(default=256)
     """Size of each modality's utterance representation after the input projection."""
     context_layer: str = "conv-gru"
     """The context layer over a conversation's utterances: `conv-gru` (the paper's), or `none` (ablation)."""
     context_kernel_sizes: list[int] = field(default_factory=lambda: [1, 3, 5])
     """Kernel sizes of the parallel 1-D convolutions over a conversation's utterances (their outputs are summed)."""
-    context_hidden_size: int = 128
+    context_hidden_size: int = interval(min=1)(default=128)
     """Hidden size of the context GRU, per direction."""
-    context_num_layers: int = 2
+    context_num_layers: int = interval(min=1)(default=2)
     """Number of stacked GRU layers in each context layer."""
     context_bidirectional: bool = True
     """True: each utterance sees the whole conversation. False: causal (past only), for streaming."""
-    cross_attention_layers: int = 2
+    cross_attention_layers: int = interval(min=0)(default=2)
     """Number of co-attention blocks (cross-attention both ways, then self-attention) in the cross-modal expert."""
-    cross_attention_heads: int = 4
+    cross_attention_heads: int = interval(min=1)(default=4)
     """Attention heads in the cross-modal expert (must divide `projection_dim`)."""
-    expert_hidden_size: int = 256
+    expert_hidden_size: int = interval(min=1)(default=256)
     """Hidden size of the cross-modal expert's classifier."""
-    gate_hidden_size: int = 16
+    gate_hidden_size: int = interval(min=1)(default=16)
     """Hidden size of the gate, which reads the experts' logits."""
     gate_type: str = "learned"
     """How experts are weighed: `learned` (the paper's gate) or `mean` (equal weights; ablation)."""
-    gate_temperature: float = 2.0
+    gate_temperature: float = interval(min=MIN_TEMPERATURE)(default=2.0)
     """Temperature of the gate's softmax over experts (higher = smoother mixtures)."""
-    dropout: float = 0.2
+    dropout: float = interval(min=0.0, max=1.0, exclude_max=True)(default=0.2)
     """Dropout in projections, context layers, experts and the gate."""
 
-    num_film_experts: int = 4
+    num_film_experts: int = interval(min=1)(default=4)
     """Number of FiLM-modulated acoustic experts of the `film-moe` fusion."""
     fusion: str = "mister-e"
     """How modality representations become expert predictions and gate weights: a name from `fusions.FUSIONS`."""
     head: str = "classification"
     """How expert outputs are mixed and scored: a name from `heads.HEADS`."""
 
-    expert_loss_weight: float = 1.0
+    expert_loss_weight: float = interval(min=0.0)(default=1.0)
     """Weight of each expert's own loss (averaged over the experts), added to the loss of the gated mixture."""
-    focal_gamma: float = 0.0
+    focal_gamma: float = interval(min=0.0)(default=0.0)
     """Focal-loss exponent for the classification losses; 0 gives plain cross-entropy."""
-    supcon_weight: float = 0.5
+    supcon_weight: float = interval(min=0.0)(default=0.5)
     """Weight of the supervised contrastive loss between paired speech/text representations."""
-    supcon_temperature: float = 0.5
+    supcon_temperature: float = interval(min=MIN_TEMPERATURE)(default=0.5)
     """Temperature of the supervised contrastive loss."""
-    kl_weight: float = 0.1
+    kl_weight: float = interval(min=0.0)(default=0.1)
     """Weight of the symmetric KL consistency term between the experts' distributions."""
-    distillation_weight: float = 0.5
+    distillation_weight: float = interval(min=0.0)(default=0.5)
     """Weight of the teacher/student distillation loss, for fusions that have one (`guided-gated`)."""
-    distillation_temperature: float = 2.0
+    distillation_temperature: float = interval(min=MIN_TEMPERATURE)(default=2.0)
     """Softmax temperature of the distillation loss (classification heads)."""
     ccc_weights: list[float] | None = None
     """Regression head: weight of each dimension's `1 - CCC` in the loss (default: equal)."""
+    loss_weights: dict[str, float] | None = None
+    """Weights of loss terms by name, overriding the defaults the head and the fusion declare (`mixture_loss`,
+    `expert_loss`, `kl_loss`, `supcon_loss`, `distillation_loss`, or a plug-in fusion's own terms); e.g.
+    `{"kl_loss": 0.0}`. The fields `expert_loss_weight`, `supcon_weight`, `kl_weight` and `distillation_weight` are
+    the built-in terms' defaults."""
 
-    initializer_range: float = 0.02
+    initializer_range: float = interval(min=0.0)(default=0.02)
     """Standard deviation of the normal initialisation of the fusion's linear layers."""
 
     @property
@@ -231,16 +239,12 @@ class MisterEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_mister_e(self):
-        """Checked at construction: names exist in their registries and sizes are consistent."""
-        from .fusion_mister_e import GATES
-        from .fusions import FUSIONS
-        from .modeling_mister_e import CONTEXT_LAYERS
-        from .heads import HEADS
-        from .layer_combiners import LAYER_COMBINERS
-        from .pooling import POOLINGS
-
+        """Checked at construction: settings are finite, names exist in their registries, sizes are consistent, and
+        each chosen component (fusion, head, gate, context layer) accepts the settings it reads (its own
+        `validate_config`). Simple bounds are the fields' own validators (`interval`)."""
         import math
 
+        load_builtins()
         for name, value in vars(self).items():  # NaN passes every `< 0` check: refuse non-finite settings first
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value}.")
@@ -248,8 +252,6 @@ class MisterEConfig(PreTrainedConfig):
                 not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in self.ccc_weights)
                 or not sum(self.ccc_weights) > 0):
             raise ValueError(f"`ccc_weights` must be non-negative finite numbers, not all 0, got {self.ccc_weights}.")
-        if self.head == "classification" and self.num_labels < 2:
-            raise ValueError(f"A classification head needs at least 2 labels, got num_labels={self.num_labels}.")
         if not self.modalities:
             raise ValueError(
                 "A MiSTER-E model needs at least one modality: give `speech_config`/`text_config`/`visual_config` "
@@ -262,12 +264,13 @@ class MisterEConfig(PreTrainedConfig):
                     f"`{modality}_embed_dim`={dim} disagrees with the {modality} backbone's hidden size "
                     f"{self.embed_dim(modality)}; leave it unset when a backbone is given."
                 )
-            if dim is not None and dim <= 0:
-                raise ValueError(f"`{modality}_embed_dim` must be positive, got {dim}.")
-        for modality in MODALITIES:
+            for name in (f"{modality}_embed_dim", f"{modality}_embed_layers"):
+                if getattr(self, name) is not None and getattr(self, name) < 1:
+                    raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
             layers = getattr(self, f"{modality}_layers")
             if layers != "last" and layers not in LAYER_COMBINERS:
-                raise ValueError(f"Unknown {modality}_layers {layers!r}; choose one of {['last', *LAYER_COMBINERS]}.")
+                raise ValueError(f"Unknown {modality}_layers {layers!r}; choose 'last' or one of "
+                                 f"{list(LAYER_COMBINERS)}.")
             if self.has_modality(modality) and layers != "last" and not self.embed_layers(modality):
                 raise ValueError(f"`{modality}_layers={layers!r}` in embeddings mode needs `{modality}_embed_layers`.")
         if not self.text_views or self.text_views[0] != "text" or len(set(self.text_views)) != len(self.text_views):
@@ -278,45 +281,41 @@ class MisterEConfig(PreTrainedConfig):
             raise ValueError(f"`text_views` {clashing} name inputs or columns that are not text (audio, images, "
                              f"labels, speakers, ...; reserved: {sorted(NOT_TEXT_VIEWS)}); a view is a text column "
                              "such as `emphasis` or `description`.")
-        for name, value, registry in (
-            ("speech_pooling", self.speech_pooling, POOLINGS),
-            ("text_pooling", self.text_pooling, {**POOLINGS, "auto": None}),
-            ("visual_pooling", self.visual_pooling, POOLINGS),
-            ("fusion", self.fusion, FUSIONS),
-            ("head", self.head, HEADS),
-            ("gate_type", self.gate_type, GATES),
-            ("context_layer", self.context_layer, CONTEXT_LAYERS),
-        ):
-            if value not in registry:
-                raise ValueError(f"Unknown {name} {value!r}; choose one of {sorted(registry)}.")
-        for name in ("projection_dim", "context_hidden_size", "context_num_layers", "expert_hidden_size",
-                     "gate_hidden_size", "cross_attention_heads", "num_film_experts"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
-        if self.cross_attention_layers < 0:
-            raise ValueError(f"`cross_attention_layers` must be >= 0, got {self.cross_attention_layers}.")
-        if not self.context_kernel_sizes or any(k <= 0 for k in self.context_kernel_sizes):
-            raise ValueError(f"`context_kernel_sizes` must be positive integers, got {self.context_kernel_sizes}.")
-        if self.projection_dim % self.cross_attention_heads:
-            raise ValueError(
-                f"`cross_attention_heads`={self.cross_attention_heads} must divide `projection_dim`={self.projection_dim}."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
-        for name in ("gate_temperature", "supcon_temperature", "distillation_temperature"):
-            if not getattr(self, name) >= MIN_TEMPERATURE:  # dividing by less overflows float32 logits to inf/NaN
-                raise ValueError(f"`{name}` must be at least {MIN_TEMPERATURE}, got {getattr(self, name)}.")
-        if self.initializer_range < 0:
-            raise ValueError(f"`initializer_range` must be >= 0, got {self.initializer_range}.")
-        for modality in MODALITIES:
-            layers = getattr(self, f"{modality}_embed_layers")
-            if layers is not None and layers < 1:
-                raise ValueError(f"`{modality}_embed_layers` must be positive, got {layers}.")
-        for name in ("expert_loss_weight", "supcon_weight", "kl_weight", "focal_gamma", "distillation_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        for name, registry in (("speech_pooling", POOLINGS), ("visual_pooling", POOLINGS), ("fusion", FUSIONS),
+                               ("head", HEADS), ("gate_type", GATES), ("context_layer", CONTEXT_LAYERS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; registered: {list(registry)}.")
+        if self.text_pooling != "auto" and self.text_pooling not in POOLINGS:
+            raise ValueError(f"Unknown text_pooling {self.text_pooling!r}; choose 'auto' or one of {list(POOLINGS)}.")
+        self.loss_term_weights()  # loss_weights name declared terms, with weights >= 0
+        for registry, name in ((FUSIONS, self.fusion), (HEADS, self.head), (GATES, self.gate_type),
+                               (CONTEXT_LAYERS, self.context_layer)):
+            check = getattr(registry[name], "validate_config", None)
+            if check is not None:
+                check(self)
         if self.backbone_chunk_size is not None and self.backbone_chunk_size <= 0:
             raise ValueError(f"`backbone_chunk_size` must be positive, got {self.backbone_chunk_size}.")
+
+    def loss_term_weights(self) -> dict[str, float]:
+        """The weight of every loss term the head and the fusion declare (their defaults, the legacy weight fields
+        among them), with `loss_weights` overriding any by name; a name no component declares is an error."""
+        terms = {}
+        for registry, name in ((HEADS, self.head), (FUSIONS, self.fusion)):
+            declared = getattr(registry[name], "loss_terms", None)
+            terms.update(declared(self) if declared is not None else {})
+        overrides = self.loss_weights or {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"`loss_weights` must be a mapping of loss term names to weights, got {overrides!r}.")
+        unknown = sorted(set(overrides) - set(terms))
+        if unknown:
+            raise ValueError(f"`loss_weights` names {unknown}, which neither the {self.head} head nor the {self.fusion} "
+                             f"fusion returns; their loss terms are {sorted(terms)}.")
+        weights = {**terms, **overrides}
+        bad = {k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))
+               or not w >= 0 or w == float("inf")}
+        if bad:
+            raise ValueError(f"Loss weights must be finite numbers >= 0, got {bad}.")
+        return {name: float(weight) for name, weight in weights.items()}
 
 
 __all__ = ["MisterEConfig", "MODALITIES"]

@@ -11,15 +11,18 @@ without text the modulation is the identity.
 import torch
 from torch import nn
 
+from .components import Fusion
 from .outputs import FusionOutput, ModalityFeatures
+from .registry import HEADS, register_fusion
 
 
-class FiLMMoEFusion(nn.Module):
+@register_fusion("film-moe")
+class FiLMMoEFusion(Fusion):
     def __init__(self, config, num_outputs: int, context_dims: dict[str, int]):
         super().__init__()
         dim, experts = config.expert_hidden_size, config.num_film_experts
         self.num_experts, self.dim = experts, dim
-        self.routes = num_outputs if config.head == "regression" else 1
+        self.routes = num_outputs if HEADS[config.head].per_output_gates else 1  # one router per dimension
         self.acoustic = nn.Linear(context_dims["speech"], dim) if "speech" in context_dims else None
         self.conditioning = [m for m in context_dims if m != "speech"]
         conditioning_dim = sum(context_dims[m] for m in self.conditioning)
@@ -35,6 +38,12 @@ class FiLMMoEFusion(nn.Module):
     @staticmethod
     def expert_names(config) -> list[str]:
         return [f"film-{k + 1}" for k in range(config.num_film_experts)]
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        for name in ("num_film_experts", "expert_hidden_size", "gate_hidden_size"):
+            if getattr(config, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(config, name)}.")
 
     def forward(self, features: dict[str, ModalityFeatures], utterance_mask: torch.Tensor,
                 state: dict | None = None) -> FusionOutput:

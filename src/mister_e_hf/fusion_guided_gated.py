@@ -21,11 +21,14 @@ from itertools import combinations
 import torch
 from torch import nn
 
-from .fusion_mister_e import GATES
+from .components import Fusion
+from .gates import ExpertGate, MeanGate  # noqa: F401  (the built-in gates register themselves)
 from .outputs import FusionOutput, ModalityFeatures
+from .registry import GATES, register_fusion
 
 
-class GuidedGatedFusion(nn.Module):
+@register_fusion("guided-gated")
+class GuidedGatedFusion(Fusion):
     def __init__(self, config, num_outputs: int, context_dims: dict[str, int]):
         super().__init__()
         self.modalities = tuple(context_dims)
@@ -42,8 +45,12 @@ class GuidedGatedFusion(nn.Module):
         self.classifiers = nn.ModuleDict(
             {name: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(dim, num_outputs)) for name in names}
         )
-        self.gate = GATES[config.gate_type](len(names), num_outputs, config.gate_hidden_size, config.gate_temperature,
-                                            config.dropout)
+        self.gate = GATES[config.gate_type](config, len(names), num_outputs)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.expert_hidden_size <= 0:
+            raise ValueError(f"`expert_hidden_size` must be positive, got {config.expert_hidden_size}.")
 
     @staticmethod
     def _pair(a: str, b: str) -> str:

@@ -3,8 +3,11 @@
 import torch
 from torch import nn
 
+from .components import Fusion
 from .errors import MisterEError
+from .gates import ExpertGate, MeanGate  # noqa: F401  (the built-in gates register themselves)
 from .outputs import FusionOutput, ModalityFeatures
+from .registry import GATES, register_fusion
 
 
 def causal_attention_mask(length: int, device: torch.device) -> torch.Tensor:
@@ -102,47 +105,8 @@ class CrossModalExpert(nn.Module):
         return self.classifier(torch.cat([speech, text], dim=-1)), speech, text, caches
 
 
-class ExpertGate(nn.Module):
-    """Per-utterance softmax weights over the experts, computed from the experts' own outputs.
-
-    Unavailable experts (missing modality) get weight exactly 0 and the others renormalise; padding utterances get
-    all-zero weights.
-    """
-
-    def __init__(self, num_experts: int, num_outputs: int, hidden_size: int, temperature: float, dropout: float):
-        super().__init__()
-        self.temperature = temperature
-        self.net = nn.Sequential(
-            nn.Linear(num_experts * num_outputs, hidden_size),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, num_experts),
-        )
-
-    def forward(self, expert_outputs: torch.Tensor, expert_mask: torch.Tensor) -> torch.Tensor:
-        """`(B, U, E, K)` outputs and `(B, U, E)` availability -> `(B, U, E)` weights."""
-        inputs = (expert_outputs * expert_mask.unsqueeze(-1)).flatten(-2)
-        scores = self.net(inputs) / self.temperature
-        scores = scores.masked_fill(~expert_mask, torch.finfo(scores.dtype).min)
-        return scores.softmax(-1) * expert_mask
-
-
-class MeanGate(nn.Module):
-    """No learned gate: every available expert gets the same weight (the "no gate" ablation)."""
-
-    def __init__(self, num_experts: int, num_outputs: int, hidden_size: int, temperature: float, dropout: float):
-        super().__init__()
-
-    def forward(self, expert_outputs: torch.Tensor, expert_mask: torch.Tensor) -> torch.Tensor:
-        weights = expert_mask.to(expert_outputs.dtype)
-        return weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
-
-
-GATES = {"learned": ExpertGate, "mean": MeanGate}
-"""Registry of gates by the name used in `MisterEConfig.gate_type`."""
-
-
-class MisterEFusion(nn.Module):
+@register_fusion("mister-e")
+class MisterEFusion(Fusion):
     """The experts and gate of MiSTER-E.
 
     Experts, in order: one per modality the model holds (a linear classifier on that modality's context
@@ -158,10 +122,18 @@ class MisterEFusion(nn.Module):
         )
         crossed = {"speech", "text"} <= set(self.modalities)
         self.cross_modal = CrossModalExpert(config, num_outputs) if crossed else None
-        self.gate = GATES[config.gate_type](
-            len(self.expert_names(config)), num_outputs, config.gate_hidden_size, config.gate_temperature,
-            config.dropout,
-        )
+        self.gate = GATES[config.gate_type](config, len(self.expert_names(config)), num_outputs)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        for name in ("expert_hidden_size", "cross_attention_heads"):
+            if getattr(config, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(config, name)}.")
+        if config.cross_attention_layers < 0:
+            raise ValueError(f"`cross_attention_layers` must be >= 0, got {config.cross_attention_layers}.")
+        if config.projection_dim % config.cross_attention_heads:
+            raise ValueError(f"`cross_attention_heads`={config.cross_attention_heads} must divide "
+                             f"`projection_dim`={config.projection_dim}.")
 
     @staticmethod
     def expert_names(config) -> list[str]:
@@ -199,4 +171,4 @@ class MisterEFusion(nn.Module):
         )
 
 
-__all__ = ["MisterEFusion", "CrossModalExpert", "CoAttentionBlock", "ExpertGate", "MeanGate", "GATES"]
+__all__ = ["MisterEFusion", "CrossModalExpert", "CoAttentionBlock"]

@@ -1,12 +1,15 @@
-"""Heads: how the experts' outputs are mixed by the gate into a prediction, and how predictions are scored.
+"""Heads: how the experts' outputs are mixed by the gate into a prediction, how predictions are scored, and what they
+mean (the contract is `components.Head`).
 
 A head has no parameters of its own: it tells the fusion how many outputs each expert gives (`num_outputs`), mixes
 the experts' outputs with the gate weights (`mix`), checks labels (`check_labels`) and returns the unweighted loss
-components (`losses`). `MisterEModel` weights the components with the config and sums them.
+terms (`losses`), whose default weights it declares (`loss_terms`); `MisterEModel` weighs and sums them. It also
+decodes predictions (labels and scores, or values) and computes its metrics, so that the pipeline, streaming, the
+trainer, the CLI and the model card ask the head instead of branching on its name.
 """
 
+import numpy as np
 import torch
-from torch import nn
 
 from .losses import (
     ccc_loss,
@@ -15,8 +18,10 @@ from .losses import (
     supervised_contrastive_loss,
     symmetric_kl_consistency,
 )
+from .components import Head
 from .errors import MisterEError
 from .outputs import FusionOutput
+from .registry import HEADS, register_head
 
 
 def _distillation_rows(fusion: FusionOutput, utterance_mask: torch.Tensor):
@@ -26,7 +31,8 @@ def _distillation_rows(fusion: FusionOutput, utterance_mask: torch.Tensor):
     return teacher.unsqueeze(2).expand_as(students)[keep], students[keep]
 
 
-class ClassificationHead(nn.Module):
+@register_head("classification")
+class ClassificationHead(Head):
     """One emotion class per utterance: the prediction is the gate-weighted mixture of the experts' distributions.
 
     Losses: `mixture_loss` (focal/cross-entropy of the mixture), `expert_loss` (the same for each available expert,
@@ -36,6 +42,9 @@ class ClassificationHead(nn.Module):
     """
 
     ignore_index = -100
+    target = "classes"
+    headline_metric = "weighted_f1"
+    CARD_METRICS = ("weighted_f1", "accuracy", "macro_f1")
 
     def __init__(self, config):
         super().__init__()
@@ -43,6 +52,80 @@ class ClassificationHead(nn.Module):
         self.focal_gamma = config.focal_gamma
         self.supcon_temperature = config.supcon_temperature
         self.distillation_temperature = config.distillation_temperature
+
+    @classmethod
+    def loss_terms(cls, config) -> dict[str, float]:
+        """The mixture's loss, each expert's, the KL consistency term, the contrastive pair's and distillation's,
+        weighted by default as the config's legacy fields say (`loss_weights` overrides any)."""
+        return {"mixture_loss": 1.0, "expert_loss": config.expert_loss_weight, "kl_loss": config.kl_weight,
+                "supcon_loss": config.supcon_weight, "distillation_loss": config.distillation_weight}
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.num_labels < 2:
+            raise ValueError(f"A classification head needs at least 2 labels, got num_labels={config.num_labels}.")
+        if config.focal_gamma < 0:
+            raise ValueError(f"`focal_gamma` must be >= 0, got {config.focal_gamma}.")
+
+    # ------------------------------------------------------------------------------------------- what it means
+    @classmethod
+    def decode(cls, logits: torch.Tensor, gate_weights: torch.Tensor, id2label: dict, expert_names: list[str]):
+        """Per utterance of one conversation (`logits (U, C)` log-probabilities, `gate_weights (U, E)`): `label`,
+        `score` (its probability), `scores` (every class's) and the experts' `gate_weights`."""
+        probabilities = logits.float().cpu().exp()
+        decoded = []
+        for p, gates in zip(probabilities, gate_weights):
+            best = int(p.argmax())
+            decoded.append({"label": id2label[best], "score": float(p[best]),
+                            "scores": {id2label[i]: float(v) for i, v in enumerate(p)},
+                            "gate_weights": cls.decode_gates(gates, expert_names)})
+        return decoded
+
+    @classmethod
+    def flatten(cls, predictions, label_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`(logits (B, U, C), gates (B, U, E))` and `(B, U)` labels (-100: none) -> per labelled utterance: predicted
+        ids, true ids, class probabilities `(N, C)` and gate weights `(N, E)`."""
+        logits, gates = predictions
+        mask = label_ids != cls.ignore_index
+        probabilities = np.exp(logits[mask])
+        return probabilities.argmax(-1), label_ids[mask], probabilities, gates[mask]
+
+    @classmethod
+    def metrics(cls, predicted, true, label_names: list[str], **extra) -> dict:
+        """Accuracy, weighted / macro F1, per-class F1 and the confusion matrix (the ERC metric module); `extra`
+        (e.g. CMU-MOSI's `scores` and `predicted_scores`) goes to it too."""
+        from mister_e_hf.metrics import load_erc_metric  # absolute: a checkpoint's copied model code needs no metrics
+
+        return load_erc_metric().compute(predictions=predicted, references=true, label_names=label_names, **extra)
+
+    @classmethod
+    def metric_names(cls, label_names: list[str]) -> list[str]:
+        return ["accuracy", "weighted_f1", "macro_f1", *(f"f1_{name}" for name in label_names)]
+
+    @classmethod
+    def metric_extras(cls, dataset, scores, label_names: list[str]) -> dict:
+        """For a split with a per-turn `score` column (CMU-MOSI's sentiment in [-3, 3]): the true scores of the
+        labelled utterances and the predicted ones (`predicted_scores`), for the binary (has-0 / non-0) accuracy and
+        F1, MAE and Pearson r of the score."""
+        if dataset is None or "score" not in getattr(dataset, "column_names", ()):
+            return {}
+        true = np.array([s for row, labels in zip(dataset["score"], dataset["labels"])
+                         for s, label in zip(row, labels) if label != -1], dtype=np.float64)
+        return {"scores": true, "predicted_scores": cls.predicted_scores(scores, label_names)}
+
+    @staticmethod
+    def predicted_scores(probabilities: np.ndarray, label_names: list[str]) -> np.ndarray:
+        """A sentiment score per utterance: the expected class value for numeric labels ('-3'..'3'), else
+        P(positive) - P(negative) scaled to [-3, 3] for binary labels."""
+        try:
+            values = np.array([float(name) for name in label_names])
+        except ValueError:
+            values = np.array([3.0 if "pos" in name else -3.0 for name in label_names])
+        return probabilities @ values
+
+    @classmethod
+    def card_metrics(cls, label_names: list[str]) -> list[str]:
+        return list(cls.CARD_METRICS)
 
     def mix(self, expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
         """`(B, U, E, C)` expert logits and `(B, U, E)` weights -> `(B, U, C)` log-probabilities of the mixture."""
@@ -93,7 +176,8 @@ class ClassificationHead(nn.Module):
         return losses
 
 
-class RegressionHead(nn.Module):
+@register_head("regression")
+class RegressionHead(Head):
     """Dimensional emotion (valence / arousal / dominance, any subset, or a sentiment score) per utterance.
 
     The dimensions are `config.id2label`'s names. The prediction is the gate-weighted sum of the experts' values
@@ -113,6 +197,57 @@ class RegressionHead(nn.Module):
         # not saved (the config holds them): `MisterEPreTrainedModel._init_weights` refills it after loading, where
         # `from_pretrained` leaves non-persistent buffers uninitialised
         self.register_buffer("ccc_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+
+    target = "values"
+    per_output_gates = True
+    headline_metric = "ccc_mean"
+    percent = False
+
+    @classmethod
+    def loss_terms(cls, config) -> dict[str, float]:
+        """The mixture's `1 - CCC`, each expert's, and distillation's (no contrastive or KL term)."""
+        return {"mixture_loss": 1.0, "expert_loss": config.expert_loss_weight,
+                "distillation_loss": config.distillation_weight}
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        weights = config.ccc_weights
+        if weights is not None and len(weights) != config.num_labels:
+            raise ValueError(f"`ccc_weights` has {len(weights)} values for {config.num_labels} dimensions.")
+
+    @classmethod
+    def decode(cls, logits: torch.Tensor, gate_weights: torch.Tensor, id2label: dict, expert_names: list[str]):
+        """Per utterance of one conversation (`logits (U, D)`): the `values` of each dimension and the experts'
+        `gate_weights` (per dimension when the fusion routes each dimension)."""
+        values = logits.float().cpu()
+        return [{"values": {id2label[i]: float(v) for i, v in enumerate(row)},
+                 "gate_weights": cls.decode_gates(gates, expert_names)} for row, gates in zip(values, gate_weights)]
+
+    @classmethod
+    def flatten(cls, predictions, label_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`(values (B, U, D), gates)` and `(B, U, D)` float labels (NaN where missing; the Trainer pads batches with
+        -100) -> per utterance with any labelled value: predicted values `(N, D)`, true values `(N, D)`, predicted
+        values again, and gate weights (averaged over dimensions when the fusion routes each dimension)."""
+        logits, gates = predictions
+        values = np.where(label_ids == -100, np.nan, label_ids)
+        mask = ~np.isnan(values).all(-1)
+        gates = gates.mean(-1) if gates.ndim == 4 else gates
+        return logits[mask], values[mask], logits[mask], gates[mask]
+
+    @classmethod
+    def metrics(cls, predicted, true, label_names: list[str], **extra) -> dict:
+        """CCC and MAE per dimension and `ccc_mean`."""
+        from mister_e_hf.metrics import regression_metrics  # absolute, as above
+
+        return regression_metrics(predicted, true, label_names)
+
+    @classmethod
+    def metric_names(cls, label_names: list[str]) -> list[str]:
+        return ["ccc_mean", *(f"ccc_{name}" for name in label_names), *(f"mae_{name}" for name in label_names)]
+
+    @classmethod
+    def card_metrics(cls, label_names: list[str]) -> list[str]:
+        return ["ccc_mean", *(f"ccc_{name}" for name in label_names)]
 
     def mix(self, expert_outputs: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
         """`(B, U, E, D)` expert values and `(B, U, E)` or `(B, U, E, D)` weights -> `(B, U, D)` values."""
@@ -151,7 +286,5 @@ class RegressionHead(nn.Module):
         return losses
 
 
-HEADS = {"classification": ClassificationHead, "regression": RegressionHead}
-"""Registry of heads by the name used in `MisterEConfig.head`."""
 
 __all__ = ["HEADS", "ClassificationHead", "RegressionHead"]

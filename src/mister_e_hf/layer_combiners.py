@@ -1,13 +1,17 @@
 """How a backbone's pooled hidden layers `(..., layers, dim)` become one utterance embedding.
 
 `MisterEConfig.speech_layers` / `text_layers` name one of these, or `last` (only the last hidden layer is pooled and
-none of these is used).
+none of these is used). A combiner is built as `Combiner(num_layers)`, has a static `output_dim(dim, num_layers)` and
+maps `(..., layers, dim)` to `(..., output_dim)`; register your own with `mister_e_hf.register_layer_combiner`.
 """
 
 import torch
 from torch import nn
 
+from .registry import LAYER_COMBINERS, register_layer_combiner
 
+
+@register_layer_combiner("weighted")
 class LayerWeighting(nn.Module):
     """A learned softmax-weighted sum over the layers (SUPERB style): `(..., L, D) -> (..., D)`.
 
@@ -26,6 +30,7 @@ class LayerWeighting(nn.Module):
         return (self.weights.softmax(0).unsqueeze(-1) * embeds).sum(-2)
 
 
+@register_layer_combiner("concat")
 class LayerConcatenation(nn.Module):
     """Every layer side by side: `(..., L, D) -> (..., L * D)`; the projection that follows learns a linear map per
     layer, which can mix depths more freely than one weight per layer."""
@@ -41,7 +46,5 @@ class LayerConcatenation(nn.Module):
         return embeds.flatten(-2)
 
 
-LAYER_COMBINERS = {"weighted": LayerWeighting, "concat": LayerConcatenation}
-"""Registry of layer combiners by the name used in `MisterEConfig.speech_layers` / `text_layers`."""
 
 __all__ = ["LAYER_COMBINERS", "LayerWeighting", "LayerConcatenation"]

@@ -15,16 +15,16 @@ from .atomic import atomic_output
 from .errors import MisterEError
 
 
-METRICS = ("weighted_f1", "accuracy", "macro_f1")
-"""Headline metrics of a classification model; a regression model reports `ccc_mean` and `ccc_<dimension>`."""
 SPLITS = (("validation", "eval"), ("test", "test"))
-DATASET_NOTES = {
-    "meld": "TV-series dialogue (Friends), English, multi-party; neutral dominates",
-    "iemocap": "ten actors in dyadic scripted and improvised sessions, English",
-    "mosi": "YouTube opinion monologues, English; sentiment, not emotion",
-    "emodb": "ten German actors reading ten neutral sentences in seven acted emotions",
-    "manifest": "a user-provided corpus; see its documentation",
-}
+
+
+def dataset_note(dataset: str) -> str:
+    """The corpus loader's one-line description (`register_loader(..., description=...)`), for the card's biases."""
+    from .registry import LOADERS, load_builtins
+
+    load_builtins()
+    description = LOADERS.info(dataset).get("description") if dataset in LOADERS else None
+    return description or "a user-provided corpus; see its documentation"
 
 
 def _backbone(config, modality: str, model) -> str:
@@ -47,12 +47,13 @@ def _is_hub_id(name: str | None) -> bool:
 
 
 def headline_metrics(config) -> list[str]:
-    if config.head == "regression":
-        return ["ccc_mean"] + [f"ccc_{config.id2label[i]}" for i in range(config.num_labels)]
-    return list(METRICS)
+    """What the card leads with: the head's `card_metrics` (weighted F1, accuracy, macro F1; or CCC per dimension)."""
+    from .registry import HEADS
+
+    return HEADS[config.head].card_metrics([config.id2label[i] for i in range(config.num_labels)])
 
 
-def eval_results(results: dict, dataset: str, metrics=METRICS) -> list[EvalResult]:
+def eval_results(results: dict, dataset: str, metrics) -> list[EvalResult]:
     return [
         EvalResult(task_type="audio-classification", task_name="Emotion Recognition in Conversations",
                    dataset_type=dataset, dataset_name=dataset, dataset_split=split, metric_type=metric,
@@ -85,7 +86,7 @@ def build_model_card(model, dataset: str, label_names, results: dict, training_a
         model_name=repo_id or "MiSTER-E",
         eval_results=eval_results(results, dataset, headline_metrics(config)) or None,
     )
-    scale = 1 if config.head == "regression" else 100
+    scale = 100 if model.head.percent else 1
     result_rows = [
         (f"{split} {metric.replace('_', ' ')}", f"{scale * results[f'{prefix}_{metric}']:.{3 if scale == 1 else 1}f}")
         for split, prefix in SPLITS for metric in headline_metrics(config) if f"{prefix}_{metric}" in results
@@ -126,7 +127,7 @@ def build_model_card(model, dataset: str, label_names, results: dict, training_a
         trainable=f"{(parameters - backbone_parameters) / 1e6:.2f} M",
         dataset=dataset,
         dataset_details=dataset_details,
-        dataset_bias=DATASET_NOTES.get(dataset, DATASET_NOTES["manifest"]),
+        dataset_bias=dataset_note(dataset),
         results_table=_table(result_rows, ("metric", "value")) if result_rows else "No evaluation was run.",
         data_report=report,
         training_table=_table(training_rows, ("setting", "value")),

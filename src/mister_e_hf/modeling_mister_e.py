@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
@@ -28,21 +27,14 @@ from .backbones import ENCODERS, INPUT_NAMES, build_backbone, load_backbone, loa
 from .backbones import resolve_text_pooling
 from .configuration_mister_e import MODALITIES, MisterEConfig
 from .errors import ConversationInputError, MisterEError
+from .context_layers import ConversationContext, NoContext  # noqa: F401  (built-ins register themselves)
 from .fusions import FUSIONS
 from .heads import HEADS, RegressionHead
 from .layer_combiners import LAYER_COMBINERS, LayerWeighting
+from .registry import CONTEXT_LAYERS
 from .outputs import MisterEOutput, ModalityFeatures
 from .processing_mister_e import check_backbone_path, receptive_field, text_positions
 
-
-LOSS_WEIGHTS = {
-    "mixture_loss": None,
-    "expert_loss": "expert_loss_weight",
-    "supcon_loss": "supcon_weight",
-    "kl_loss": "kl_weight",
-    "distillation_loss": "distillation_weight",
-}
-"""Each loss component and the config attribute holding its weight (`None`: weight 1)."""
 
 CODE_FILES = ("modeling_mister_e.py", "processing_mister_e.py")
 """Files that `save_pretrained` copies (with their relative imports) so a checkpoint loads with remote code."""
@@ -137,84 +129,6 @@ class TextViewGate(nn.Module):
         return (weights.unsqueeze(-1) * views).sum(-2)
 
 
-class ConversationContext(nn.Module):
-    """The convolutional + recurrent context layer over a conversation's utterances (one per modality).
-
-    Parallel 1-D convolutions over the utterance axis (one per kernel size, outputs summed, ReLU), then a GRU, plus
-    a linear skip connection from the input. Padding utterances are zeroed before the convolutions (so a
-    conversation sees the same zero padding alone or in a batch) and skipped by the GRU (packed sequences). In causal
-    mode the convolutions look only backwards and the GRU is unidirectional.
-
-    Input `(B, U, input_size)` and mask `(B, U)`; output `(B, U, output_size)`, zero at padding.
-    """
-
-    def __init__(self, input_size: int, config: MisterEConfig):
-        super().__init__()
-        hidden = config.context_hidden_size
-        self.causal = not config.context_bidirectional
-        self.kernel_sizes = list(config.context_kernel_sizes)
-        self.convs = nn.ModuleList(nn.Conv1d(input_size, hidden, k) for k in self.kernel_sizes)
-        self.gru = nn.GRU(
-            hidden,
-            hidden,
-            num_layers=config.context_num_layers,
-            batch_first=True,
-            bidirectional=config.context_bidirectional,
-            dropout=config.dropout if config.context_num_layers > 1 else 0.0,
-        )
-        self.output_size = hidden * (2 if config.context_bidirectional else 1)
-        self.skip = nn.Linear(input_size, self.output_size)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def _padding(self, kernel_size: int) -> tuple[int, int]:
-        return (kernel_size - 1, 0) if self.causal else ((kernel_size - 1) // 2, kernel_size // 2)
-
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        inputs = inputs * mask.unsqueeze(-1)
-        channels = inputs.transpose(1, 2)
-        convolved = sum(
-            conv(nn.functional.pad(channels, self._padding(k))) for conv, k in zip(self.convs, self.kernel_sizes)
-        )
-        hidden = self.dropout(torch.relu(convolved)).transpose(1, 2)
-        lengths = mask.sum(1).cpu()
-        packed = pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
-        recurrent, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=inputs.shape[1])
-        return (recurrent + self.skip(inputs)) * mask.unsqueeze(-1)
-
-    def step(self, inputs: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
-        """Causal mode, one new utterance: `(B, input_size)` -> `(B, output_size)`, carrying `state` (the last inputs
-        the convolutions still see, and the GRU's hidden state). Equals `forward` over the conversation so far."""
-        if not self.causal:
-            raise MisterEError("Step-by-step context needs a causal model (`context_bidirectional=False`).")
-        if state is None:
-            state = {"inputs": inputs.new_zeros(inputs.shape[0], max(self.kernel_sizes) - 1, inputs.shape[-1]),
-                     "gru": None}
-        recent = torch.cat([state["inputs"], inputs.unsqueeze(1)], dim=1)  # (B, largest kernel, input_size)
-        channels = recent.transpose(1, 2)
-        convolved = sum(conv(channels[..., channels.shape[-1] - k:]) for conv, k in zip(self.convs, self.kernel_sizes))
-        hidden = self.dropout(torch.relu(convolved)).transpose(1, 2)  # (B, 1, hidden)
-        recurrent, gru_state = self.gru(hidden, state["gru"])
-        return recurrent[:, 0] + self.skip(inputs), {"inputs": recent[:, 1:], "gru": gru_state}
-
-
-class NoContext(nn.Module):
-    """No context layer: each utterance's representation is its own projection (the "no context" ablation)."""
-
-    def __init__(self, input_size: int, config: MisterEConfig):
-        super().__init__()
-        self.output_size = input_size
-
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return inputs * mask.unsqueeze(-1)
-
-    def step(self, inputs: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict]:
-        return inputs, {}
-
-
-CONTEXT_LAYERS = {"conv-gru": ConversationContext, "none": NoContext}
-"""Registry of context layers by the name used in `MisterEConfig.context_layer`."""
-
-
 class MisterEPreTrainedModel(PreTrainedModel):
     config_class = MisterEConfig
     base_model_prefix = "mister_e"
@@ -298,6 +212,7 @@ class MisterEModel(MisterEPreTrainedModel):
         context_class = CONTEXT_LAYERS[config.context_layer]
         self.contexts = nn.ModuleDict({m: context_class(config.projection_dim, config) for m in config.modalities})
         self.head = HEADS[config.head](config)
+        self.loss_weights = config.loss_term_weights()
         fusion_class = FUSIONS[config.fusion]
         self.expert_names = fusion_class.expert_names(config)
         self.fusion = fusion_class(
@@ -668,14 +583,15 @@ class MisterEModel(MisterEPreTrainedModel):
                             **({} if conversation_state is None else {"state": conversation_state["fusion"]}))
         logits = self.head.mix(fused.expert_outputs, fused.gate_weights)
 
-        loss, components = None, {}
+        loss, losses = None, None
         if labels is not None:
-            components = self.head.losses(logits, fused, labels, utterance_mask)
-            components.update(fused.aux_losses)
-            loss = sum(
-                component * (1.0 if LOSS_WEIGHTS[name] is None else getattr(self.config, LOSS_WEIGHTS[name]))
-                for name, component in components.items()
-            )
+            losses = {**self.head.losses(logits, fused, labels, utterance_mask), **fused.aux_losses}
+            undeclared = sorted(set(losses) - set(self.loss_weights))
+            if undeclared:
+                raise MisterEError(f"The {self.config.head} head or the {self.config.fusion} fusion returned the loss "
+                                   f"terms {undeclared}, which neither declares in `loss_terms(config)` (declared: "
+                                   f"{sorted(self.loss_weights)}).")
+            loss = sum(self.loss_weights[name] * term for name, term in losses.items())
         output = MisterEOutput(
             loss=loss,
             logits=logits,
@@ -683,8 +599,8 @@ class MisterEModel(MisterEPreTrainedModel):
             gate_weights=fused.gate_weights,
             expert_mask=fused.expert_mask,
             utterance_mask=utterance_mask,
+            losses=losses,
             conversation_state=conversation_state,
-            **components,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -773,7 +689,7 @@ class MisterEModel(MisterEPreTrainedModel):
                 if value.dtype == torch.bool:
                     raise MisterEError("`labels` are booleans; give class ids (integers, -100 for no label) or, for "
                                        "a regression head, float values.")
-                if self.config.head == "regression":
+                if self.head.target == "values":
                     value = value.float() if not value.is_floating_point() else value
                 elif not value.is_floating_point():
                     value = value.long()

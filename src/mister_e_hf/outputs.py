@@ -34,7 +34,8 @@ class FusionOutput:
         paired_mask: `(batch, utterances)` bool, where both members of `paired` are real (required with `paired`).
         distillation: optional `(teacher (batch, utterances, outputs), students (batch, utterances, S, outputs),
             student_mask (batch, utterances, S))`: branches that learn from a teacher branch (the head scores it).
-        aux_losses: extra named losses of the fusion, unweighted (the config holds their weights).
+        aux_losses: extra named losses of the fusion, unweighted, under the names its `loss_terms(config)` declares
+            (with their default weights; `config.loss_weights` overrides them).
     """
 
     expert_outputs: torch.Tensor
@@ -67,8 +68,10 @@ class MisterEOutput(ModelOutput):
             True where an expert could be used (its modalities are present for that utterance).
         utterance_mask (`torch.BoolTensor` of shape `(batch, utterances)`):
             True for real utterances, False for padding.
-        mixture_loss, expert_loss, supcon_loss, kl_loss, distillation_loss (`torch.FloatTensor`, shape `()`, *optional*):
-            Unweighted loss components (present when `labels` are given and the component applies).
+        losses (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` are given):
+            Every unweighted loss term by name, as the head and the fusion return them (`mixture_loss`,
+            `expert_loss`, `kl_loss`, `supcon_loss`, `distillation_loss`, a plug-in's own terms); `loss` is their sum
+            weighted by `config.loss_term_weights()`.
         conversation_state (`dict`, *optional*):
             Streaming only: the state to pass with the next utterance (see `MisterEModel.forward`).
     """
@@ -79,11 +82,7 @@ class MisterEOutput(ModelOutput):
     gate_weights: torch.FloatTensor | None = None
     expert_mask: torch.BoolTensor | None = None
     utterance_mask: torch.BoolTensor | None = None
-    mixture_loss: torch.FloatTensor | None = None
-    expert_loss: torch.FloatTensor | None = None
-    supcon_loss: torch.FloatTensor | None = None
-    kl_loss: torch.FloatTensor | None = None
-    distillation_loss: torch.FloatTensor | None = None
+    losses: dict[str, torch.FloatTensor] | None = None
     conversation_state: dict | None = None
 
 

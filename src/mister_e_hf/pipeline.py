@@ -140,11 +140,9 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
                 "utterance_mask": outputs.utterance_mask, "texts": texts}
 
     def postprocess(self, outputs):
-        """Per utterance: `label`, `score` and `scores` (classification) or `values` per dimension (regression), and
-        the experts' `gate_weights` (per dimension when the fusion routes each dimension)."""
-        id2label = self.model.config.id2label
-        experts = self.model.expert_names
-        regression = self.model.config.head == "regression"
+        """Per utterance, what the model's head decodes (classification: `label`, `score`, `scores`; regression:
+        `values` per dimension; a plug-in head its own) and the experts' `gate_weights`, plus the `transcript` of
+        utterances transcribed here. A non-finite score is an error, never a prediction."""
         logits = outputs["logits"].float().cpu()
         gates = outputs["gate_weights"].float().cpu()
         mask = outputs["utterance_mask"].cpu()
@@ -153,22 +151,13 @@ class ConversationalEmotionRecognitionPipeline(Pipeline):
             b, u = bad.nonzero()[0].tolist()
             raise ConversationInputError("the model gave NaN or infinite scores; its weights or inputs are corrupted, "
                                          "so no prediction is made.", b, u)
-        lengths = mask.sum(1).tolist()
         results = []
-        for b, length in enumerate(lengths):
-            conversation = []
-            for t in range(length):
-                if regression:
-                    item = {"values": {id2label[i]: float(v) for i, v in enumerate(logits[b, t])}}
-                else:
-                    p = logits[b, t].exp()
-                    best = int(p.argmax())
-                    item = {"label": id2label[best], "score": float(p[best]),
-                            "scores": {id2label[i]: float(v) for i, v in enumerate(p)}}
-                item["gate_weights"] = dict(zip(experts, gates[b, t].tolist()))
+        for b, length in enumerate(mask.sum(1).tolist()):
+            conversation = self.model.head.decode(logits[b, :length], gates[b, :length], self.model.config.id2label,
+                                                  self.model.expert_names)
+            for t, item in enumerate(conversation):
                 if outputs["texts"][b][t] is not None:
                     item["transcript"] = outputs["texts"][b][t]
-                conversation.append(item)
             results.append(conversation)
         return results
 

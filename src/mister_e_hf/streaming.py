@@ -15,8 +15,9 @@ from .errors import ConversationInputError, MisterEError
 
 @dataclass
 class UtterancePrediction:
-    """The prediction for one utterance: label, class scores (for a regression head: no label, and `scores` holds the
-    value of each dimension), the experts' gate weights and the time it took."""
+    """The prediction for one utterance: what the model's head decodes (`decoded`: for classification `label`,
+    `score` and `scores`; for regression `values`, also given as `scores`), the experts' gate weights and the time it
+    took."""
 
     turn: int
     label: str | None
@@ -25,10 +26,7 @@ class UtterancePrediction:
     gate_weights: dict
     latency_ms: float
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"turn": self.turn, "label": self.label, "score": self.score, "scores": self.scores,
-                "gate_weights": self.gate_weights, "latency_ms": self.latency_ms}
+    decoded: dict = field(default_factory=dict)
 
 
 class StreamingEmotionRecognizer:
@@ -84,20 +82,18 @@ class StreamingEmotionRecognizer:
             raise ConversationInputError("the model gave NaN or infinite scores; its weights or inputs are corrupted, "
                                          "so no prediction is made.", where=f"streamed turn {turn}")
         self.state = outputs.conversation_state
-        id2label = self.model.config.id2label
-        regression = self.model.config.head == "regression"
-        values = values if regression else values.exp()  # values, or class probabilities
-        best = None if regression else int(values.argmax())
+        (decoded,) = self.model.head.decode(values[None], gates[None], self.model.config.id2label,
+                                            self.model.expert_names)
         return UtterancePrediction(
             turn=turn,
-            label=None if regression else id2label[best],
-            score=None if regression else float(values[best]),
-            scores={id2label[i]: float(v) for i, v in enumerate(values)},
-            gate_weights=dict(zip(self.model.expert_names, gates.tolist())),
+            label=decoded.get("label"),
+            score=decoded.get("score"),
+            scores=decoded.get("scores", decoded.get("values", {})),
+            gate_weights=decoded["gate_weights"],
             latency_ms=1000 * (done - start),
             timings_ms={"processor": 1000 * (prepared - start), "model": 1000 * (done - prepared)},
+            decoded=decoded,
         )
-
 
 def _copy_structure(state):
     """A copy of the dicts and lists of a conversation state; tensors are shared (the model replaces them, never

@@ -35,11 +35,13 @@ from .checkpoints import check_resume_settings, checkpoint_problem, find_resumab
 from .data.common import UNLABELLED
 from .errors import TrainingError
 from .outputs import MisterEOutput
+from .registry import HEADS
 
 
 logger = logging.get_logger(__name__)
 
 LOSS_COMPONENTS = ("mixture_loss", "expert_loss", "supcon_loss", "kl_loss", "distillation_loss")
+"""The built-in heads' loss terms (a model's own are `model.loss_weights`, with plug-ins' terms)."""
 
 LOSS_TOTALS_NAME = "loss_totals.json"
 """In each checkpoint: the sums of the training losses so far, so that a resumed run logs and reports the whole run."""
@@ -100,11 +102,12 @@ def check_labels(dataset, split: str, label_names: list[str], head: str = "class
     outside `label_names`, or a regression dimension with fewer than two values, a constant one, or a non-finite
     value. Unlabelled utterances (`UNLABELLED`, -100; None or NaN for a regression) are context and do not count."""
     conversations = len(dataset)
-    columns = (label_columns or []) if head == "regression" else [label_column]
+    values = _head(head).target == "values"
+    columns = (label_columns or []) if values else [label_column]
     missing = [c for c in columns if hasattr(dataset, "column_names") and c not in dataset.column_names]
     if missing:
         raise TrainingError(f"The {split} split has no label column {missing}; it has {dataset.column_names}.")
-    if head == "regression":
+    if values:
         counts = {}
         for column in label_columns or []:
             values = np.array(_numbers(dataset, column, split), dtype=np.float64)
@@ -241,7 +244,8 @@ def _lower_is_better(metric: str) -> bool | None:
     return False
 
 
-def training_argument_problems(args, compute_metrics=None, training: bool = True, data_collator=None) -> list[str]:
+def training_argument_problems(args, compute_metrics=None, training: bool = True, data_collator=None,
+                               loss_terms=LOSS_COMPONENTS) -> list[str]:
     """What makes `args` unusable by `MisterETrainer`, one phrase per problem (see `check_training_arguments`)."""
     problems = []
 
@@ -297,7 +301,7 @@ def training_argument_problems(args, compute_metrics=None, training: bool = True
         name = metric[len("eval_"):] if metric.startswith("eval_") else metric
         given = getattr(compute_metrics, "metric_names", None) if compute_metrics is not None else []
         if given is not None:
-            available = ["loss", *LOSS_COMPONENTS, *given]
+            available = ["loss", *loss_terms, *given]
             if name not in available:
                 close = difflib.get_close_matches(name, available, n=1, cutoff=0.6) or difflib.get_close_matches(
                     name.lower(), available, n=1, cutoff=0.6)
@@ -312,7 +316,8 @@ def training_argument_problems(args, compute_metrics=None, training: bool = True
     return problems
 
 
-def check_training_arguments(args, compute_metrics=None, training: bool = True, data_collator=None) -> None:
+def check_training_arguments(args, compute_metrics=None, training: bool = True, data_collator=None,
+                             loss_terms=LOSS_COMPONENTS) -> None:
     """Refuses, with one `TrainingError` listing every problem, `TrainingArguments` that `MisterETrainer` would
     silently ignore or cannot honour, and nonsense numbers, before any compute (`training_argument_problems`):
 
@@ -328,7 +333,7 @@ def check_training_arguments(args, compute_metrics=None, training: bool = True, 
       what it gives: `build_compute_metrics` does, as `metric_names`) or whose `greater_is_better` points the wrong
       way (`mae_*` and losses are lower-is-better). A `compute_metrics` without `metric_names` is taken at its
       word: the metric's name is not checked."""
-    problems = training_argument_problems(args, compute_metrics, training, data_collator)
+    problems = training_argument_problems(args, compute_metrics, training, data_collator, loss_terms)
     if problems:
         raise TrainingError("Training arguments that cannot work: " + "; ".join(problems) + ".")
 
@@ -336,9 +341,10 @@ def check_training_arguments(args, compute_metrics=None, training: bool = True, 
 class MisterETrainer(FiniteTrainingMixin, Trainer):
     """A `Trainer` for [`MisterEModel`].
 
-    - `compute_loss` takes the model's total loss (the mixture's loss plus the contrastive and KL terms, weighted
-      from the config) and records each component, which `log` adds, averaged since the last log, to the training
-      logs (`mixture_loss`, `supcon_loss`, ...) and `evaluation_loop` to evaluation metrics (`eval_mixture_loss`).
+    - `compute_loss` takes the model's total loss (its loss terms weighted by `config.loss_term_weights()`) and
+      records every term the model returns (`outputs.losses`, a plug-in's own terms included), which `log` adds,
+      averaged since the last log, to the training logs (`mixture_loss`, `supcon_loss`, ...) and `evaluation_loop`
+      to the evaluation metrics (`eval_mixture_loss`).
     - `prediction_step` returns `(logits, gate_weights)` as predictions, so that `compute_metrics` and `predict` see
       the experts' weights beside the mixture; predictions come in the dataset's order.
     - Training arguments it would silently ignore (`label_smoothing_factor`, ...) or that cannot work (no step to
@@ -356,7 +362,8 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_training_arguments(self.args, self.compute_metrics, training=False, data_collator=self.data_collator)
+        check_training_arguments(self.args, self.compute_metrics, training=False, data_collator=self.data_collator,
+                                 loss_terms=self._loss_terms())
         processor = getattr(self.data_collator, "processor", None) or self.processing_class
         if hasattr(self.model, "check_processor") and hasattr(processor, "modalities"):
             self.model.check_processor(processor)  # e.g. a processor without the model's tokenizer
@@ -366,6 +373,10 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
         self._whole_run_loss = None
         self._gradients = None
         self.add_callback(_RestoreLossTotals(self))
+
+    def _loss_terms(self) -> list[str]:
+        """The loss terms the model's head and fusion return (logged, and usable as `metric_for_best_model`)."""
+        return list(getattr(self.model, "loss_weights", None) or LOSS_COMPONENTS)
 
     # ------------------------------------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -378,7 +389,8 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
           or training settings (`check_resume_settings`: resuming would mix them);
         - fitting the model's embedding standardisation (`config.standardize_embeddings`) on the training set's
           cached embeddings if it was never fitted (a resumed run then loads the same values)."""
-        check_training_arguments(self.args, self.compute_metrics, training=True, data_collator=self.data_collator)
+        check_training_arguments(self.args, self.compute_metrics, training=True, data_collator=self.data_collator,
+                                 loss_terms=self._loss_terms())
         self._check_datasets()
         if resume_from_checkpoint is True:
             resume_from_checkpoint = find_resumable_checkpoint(self.args.output_dir, not self.args.save_only_model)
@@ -405,7 +417,7 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
             return None
         label_column = getattr(self.data_collator, "label_column", "labels")
         label_columns = getattr(self.data_collator, "label_columns", None)
-        if config.head == "regression" and not label_columns:
+        if HEADS[config.head].target == "values" and not label_columns:
             return None  # a collator of the user's own: its label columns are unknown here
         names = [config.id2label[i] for i in range(config.num_labels)]
         return names, config.head, label_column, label_columns
@@ -415,7 +427,7 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
         if settings is None:
             return
         names, head, label_column, label_columns = settings
-        columns = label_columns if head == "regression" else [label_column]
+        columns = label_columns if HEADS[head].target == "values" else [label_column]
 
         def check(dataset, split, training):
             if hasattr(dataset, "column_names") and all(c in dataset.column_names for c in columns):
@@ -450,12 +462,10 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
         if outputs.loss is None:
             raise ValueError("The batch has no `labels`: MisterETrainer needs them to compute the loss.")
         bucket = self._components["train" if model.training else "eval"]
-        for name in LOSS_COMPONENTS:
-            value = getattr(outputs, name, None)
-            if value is not None:
-                bucket[name].append(value.detach())
+        terms = outputs.losses or {}
+        for name, value in terms.items():  # whatever terms the head and the fusion return
+            bucket[name].append(value.detach())
         if model.training and not bool(torch.isfinite(outputs.loss.detach())):
-            terms = {name: value for name in LOSS_COMPONENTS if (value := getattr(outputs, name, None)) is not None}
             bad = [name for name, value in terms.items() if not bool(torch.isfinite(value.detach()))]
             values = ", ".join(f"{name} {value.item():.4g}" for name, value in terms.items())
             raise TrainingError(
@@ -533,7 +543,8 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
         output.metrics.update(self._pop_components("eval", prefix=f"{metric_key_prefix}_"))
         bad = {k: v for k, v in output.metrics.items() if isinstance(v, float) and not math.isfinite(v)}
         if output.predictions is not None and output.label_ids is not None and len(output.predictions) == 2:
-            _, _, values, gates = flatten_predictions(output.predictions, output.label_ids)
+            head = getattr(self.model, "head", None) or HEADS["classification"]
+            _, _, values, gates = flatten_predictions(output.predictions, output.label_ids, head)
             nan = np.isnan(values).any(axis=tuple(range(1, values.ndim))) | np.isnan(gates).any(axis=-1)
             if nan.any():
                 bad[f"{metric_key_prefix} predictions"] = f"NaN for {int(nan.sum())} of {len(nan)} labelled utterances"
@@ -609,50 +620,36 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
                               strict_json(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
 
 
-def flatten_predictions(predictions, label_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`(logits (B, U, C), gates (B, U, E))` and `(B, U)` labels -> per labelled utterance: predicted ids, true ids,
-    class probabilities `(N, C)` and gate weights `(N, E)`.
-
-    Regression (`(B, U, D)` float labels, NaN where missing; the Trainer pads batches with -100): per utterance with
-    any labelled value, predicted values `(N, D)`, true values `(N, D)`, predicted values again, and gate weights
-    (averaged over dimensions when the fusion routes each dimension)."""
-    logits, gates = predictions
-    if label_ids.ndim == 3:
-        padding = label_ids == -100
-        values = np.where(padding, np.nan, label_ids)
-        mask = ~np.isnan(values).all(-1)
-        gates = gates.mean(-1) if gates.ndim == 4 else gates
-        return logits[mask], values[mask], logits[mask], gates[mask]
-    mask = label_ids != -100
-    probabilities = np.exp(logits[mask])
-    return probabilities.argmax(-1), label_ids[mask], probabilities, gates[mask]
+def _head(head):
+    """A head class from its registered name (or the class, or an instance, as given)."""
+    return HEADS[head] if isinstance(head, str) else head
 
 
-def build_compute_metrics(label_names: list[str], expert_names: list[str], metric=None, head: str = "classification"):
-    """`compute_metrics` for the Trainer: the ERC metrics (accuracy, weighted/macro F1, per-class F1), or for a
-    regression head CCC and MAE per dimension and `ccc_mean`; and the mean gate weight of each expert over the
-    labelled utterances (`gate_<expert>`). The function's `metric_names` lists them (without `eval_`), for
-    `check_training_arguments` to check `metric_for_best_model` against before training."""
-    from .metrics import load_erc_metric, regression_metrics
+def flatten_predictions(predictions, label_ids, head="classification"):
+    """The head's `flatten`: `(logits, gates)` predictions and label ids -> per labelled utterance: predicted labels
+    or values, true ones, scores (class probabilities or values) and gate weights."""
+    return _head(head).flatten(predictions, label_ids)
 
-    if metric is None and head == "classification":
-        metric = load_erc_metric()
+
+def build_compute_metrics(label_names: list[str], expert_names: list[str], metric=None, head="classification"):
+    """`compute_metrics` for the Trainer: the head's metrics (for classification the ERC metrics: accuracy,
+    weighted/macro F1, per-class F1; for regression CCC and MAE per dimension and `ccc_mean`) and the mean gate weight
+    of each expert over the labelled utterances (`gate_<expert>`). The function's `metric_names` lists them (without
+    `eval_`), for `check_training_arguments` to check `metric_for_best_model` against before training. `metric`: an
+    already loaded metric module to use instead of the head's (classification)."""
+    head = _head(head)
 
     def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
-        predicted, true, _, gates = flatten_predictions(eval_prediction.predictions, eval_prediction.label_ids)
-        if head == "regression":
-            results = regression_metrics(predicted, true, label_names)
-        else:
+        predicted, true, _, gates = head.flatten(eval_prediction.predictions, eval_prediction.label_ids)
+        if metric is not None:
             results = metric.compute(predictions=predicted, references=true, label_names=label_names)
-            results.pop("confusion_matrix", None)  # a matrix is not a loggable scalar; run_erc saves it separately
+        else:
+            results = head.metrics(predicted, true, label_names)
+        results.pop("confusion_matrix", None)  # a matrix is not a loggable scalar; evaluation saves it separately
         results.update({f"gate_{name}": float(w) for name, w in zip(expert_names, gates.mean(0))})
         return results
 
-    if head == "regression":
-        names = [f"{kind}_{name}" for name in label_names for kind in ("ccc", "mae")] + ["ccc_mean"]
-    else:
-        names = ["accuracy", "weighted_f1", "macro_f1", *(f"f1_{name}" for name in label_names)]
-    compute_metrics.metric_names = names + [f"gate_{name}" for name in expert_names]
+    compute_metrics.metric_names = head.metric_names(label_names) + [f"gate_{name}" for name in expert_names]
     return compute_metrics
 
 

@@ -1,4 +1,7 @@
-"""Corpus loaders (one row per conversation, turns in order), registered by name, and the conversation collator."""
+"""Corpus loaders (one row per conversation, turns in order), registered by name (`register_loader`), and the
+conversation collator. A loader is a function taking its options as keyword arguments (its signature declares them:
+`loader_options(name)`) and returning `(DatasetDict, DataReport)`; `register_loader(name, description=...)` gives the
+one-line description model cards show."""
 
 import inspect
 
@@ -9,27 +12,41 @@ from .iemocap import load_iemocap
 from .manifest import load_manifest
 from .meld import load_meld
 from .mosi import load_mosi
-
-
-LOADERS = {
-    "meld": load_meld,
-    "iemocap": load_iemocap,
-    "mosi": load_mosi,
-    "emodb": load_emodb,
-    "manifest": load_manifest,
-}
-"""Registry of corpus loaders by the name `run_erc.py --dataset` takes."""
+from ..registry import LOADERS, register_loader
 
 
 def _loader(name: str):
     if name not in LOADERS:
-        raise CorpusError(f"Unknown dataset {name!r}; choose one of {sorted(LOADERS)}.")
+        raise CorpusError(f"Unknown dataset {name!r}; choose one of {list(LOADERS)}.")
     return LOADERS[name]
 
 
 def loader_options(name: str) -> list[str]:
     """The options (keyword arguments) corpus `name`'s loader takes, in its signature's order."""
     return list(inspect.signature(_loader(name)).parameters)
+
+
+OPTION_ALIASES = {"label_set": ("label_set", "label_column")}
+"""Generic option names (what `run_erc.py` and the CLI call them) -> the loader options they may mean: MELD names its
+label set by column (`label_column`: emotion | sentiment), the others `label_set`."""
+
+
+def loader_arguments(name: str, flags: dict[str, str] | None = None, **given) -> dict:
+    """The loader options of corpus `name` for the generic arguments `given` (`None` values are left out, so the
+    loader's own defaults hold), each mapped to the option of that name or an alias (`OPTION_ALIASES`). An argument
+    the corpus takes no option for is a `CorpusError` naming it (as `flags[argument]` says it, e.g. `--fold`) and
+    the options the corpus takes: never silently ignored."""
+    accepted = loader_options(name)
+    options = {}
+    for argument, value in given.items():
+        if value is None:
+            continue
+        option = next((o for o in OPTION_ALIASES.get(argument, (argument,)) if o in accepted), None)
+        if option is None:
+            shown = (flags or {}).get(argument, argument)
+            raise CorpusError(f"{shown} does not apply to the {name} corpus (its loader takes: {', '.join(accepted)}).")
+        options[option] = value
+    return options
 
 
 def load_corpus(name: str, **options):
@@ -51,5 +68,5 @@ def load_corpus(name: str, **options):
     return loader(**options)
 
 
-__all__ = ["LOADERS", "load_corpus", "loader_options", "DataCollatorForConversations", "CorpusError", "DataReport",
-           "UNLABELLED", "build_split"]
+__all__ = ["LOADERS", "register_loader", "load_corpus", "loader_options", "loader_arguments", "DataCollatorForConversations",
+           "CorpusError", "DataReport", "UNLABELLED", "build_split"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from datasets import DatasetDict, Value
 
 from .common import CorpusError, DataReport, build_split, check_flag, infer_label_names, read_csv, require_folder
+from ..registry import register_loader
 
 
 LAYOUT = """<data_dir>/
@@ -33,6 +34,7 @@ def speaker_folds(speakers: list[str], num_folds: int = NUM_FOLDS) -> list[list[
     return folds
 
 
+@register_loader("emodb", description="ten German actors reading ten neutral sentences in seven acted emotions")
 def load_emodb(
     data_dir: str | Path,
     fold: int = 0,

@@ -31,6 +31,7 @@ from .common import (
     require_file,
     require_folder,
 )
+from ..registry import register_loader
 
 
 LAYOUT = """<data_dir>/                       (IEMOCAP_full_release)
@@ -145,6 +146,7 @@ def _dialogs(session: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.txt") if p.is_file() and not p.name.startswith("."))
 
 
+@register_loader("iemocap", description="ten actors in dyadic scripted and improvised sessions, English")
 def load_iemocap(
     data_dir: str | Path,
     label_set: str = "4",

@@ -35,6 +35,7 @@ from .common import (
     read_text,
     require_file,
 )
+from ..registry import register_loader
 
 
 REQUIRED = ("conversation_id", "turn", "text", "label")
@@ -179,6 +180,7 @@ def _record(row: dict, path: Path, line: int, extra: list[str]) -> tuple[dict | 
     return record, None
 
 
+@register_loader("manifest", description="a user-provided corpus; see its documentation")
 def load_manifest(
     data_dir: str | Path | None = None,
     train_file: str | None = None,

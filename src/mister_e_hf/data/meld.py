@@ -9,7 +9,9 @@ from pathlib import Path
 
 from datasets import DatasetDict, Value
 
-from .common import DataReport, build_split, check_choice, check_flag, find_audio, read_csv, require_folder
+from .common import (CorpusError, DataReport, build_split, check_choice, check_flag, find_audio, read_csv,
+                     require_folder)
+from ..registry import register_loader
 
 
 LAYOUT = """<data_dir>/
@@ -33,6 +35,7 @@ def _audio_folders(audio_dir: Path, split: str) -> list[Path]:
     return [audio_dir / name for name in AUDIO_FOLDERS[split] if (audio_dir / name).is_dir()] + [audio_dir]
 
 
+@register_loader("meld", description="TV-series dialogue (Friends), English, multi-party; neutral dominates")
 def load_meld(
     data_dir: str | Path,
     audio_dir: str | Path | None = None,
@@ -43,7 +46,9 @@ def load_meld(
 
     Args:
         data_dir: the folder holding the official `{train,dev,test}_sent_emo.csv` (see `LAYOUT`).
-        audio_dir: a folder of audio clips `dia{D}_utt{U}.*` (flat or in per-split folders), or None for text only.
+        audio_dir: a folder of audio clips `dia{D}_utt{U}.*` in per-split folders (`AUDIO_FOLDERS`), or None for text
+            only. A flat folder works only for clips whose name belongs to one split (dialogue ids restart in every
+            split): an ambiguous one is an error.
         label_column: "emotion" or "sentiment".
         skip_invalid: leave out (and count in the report) rows with a wrong field count, a non-integer
             `Dialogue_ID` / `Utterance_ID`, an unknown label or unreadable audio, instead of raising.
@@ -57,10 +62,13 @@ def load_meld(
     label_names = EMOTIONS if label_column == "emotion" else SENTIMENTS
     other = "sentiment" if label_column == "emotion" else "emotion"
     report = DataReport()
+    tables = {split: (data_dir / f"{name}_sent_emo.csv",
+                      read_csv(data_dir / f"{name}_sent_emo.csv", REQUIRED, LAYOUT, report, split, skip_invalid)[1])
+              for split, name in SPLITS.items()}
+    stems = {split: {f"dia{row['Dialogue_ID'].strip()}_utt{row['Utterance_ID'].strip()}" for _, row in rows}
+             for split, (_, rows) in tables.items()}
     splits = {}
-    for split, name in SPLITS.items():
-        path = data_dir / f"{name}_sent_emo.csv"
-        _, rows = read_csv(path, REQUIRED, LAYOUT, report, split, skip_invalid)
+    for split, (path, rows) in tables.items():
         folders = _audio_folders(Path(audio_dir), split) if audio_dir is not None else []
         records, no_audio = [], 0
         for line, row in rows:
@@ -71,10 +79,17 @@ def load_meld(
                                f"{path}, line {line}: Dialogue_ID {row['Dialogue_ID']!r} and Utterance_ID "
                                f"{row['Utterance_ID']!r} must be integers", skip_invalid, what="rows")
                 continue
-            audio = None
+            audio, stem = None, f"dia{dialogue}_utt{utterance}"
             for folder in folders:
-                if (audio := find_audio(folder, f"dia{dialogue}_utt{utterance}")) is not None:
+                if (audio := find_audio(folder, stem)) is not None:
                     break
+            shared = [other_split for other_split in stems if other_split != split and stem in stems[other_split]]
+            if audio is not None and folder == Path(audio_dir) and shared:
+                raise CorpusError(
+                    f"{audio}: MELD's dialogue ids restart in every split, so {stem} names an utterance of "
+                    f"{split} and of {', '.join(shared)}, and a clip in the flat audio folder cannot say which. Put "
+                    f"each split's clips in its own folder under {audio_dir} (e.g. train/, dev/, test/, or MELD.Raw's "
+                    "train_splits/, dev_splits_complete/, output_repeated_splits_test/).")
             no_audio += audio_dir is not None and audio is None
             records.append(
                 {

@@ -11,6 +11,7 @@ from pathlib import Path
 from datasets import DatasetDict, Value
 
 from .common import CorpusError, DataReport, build_split, check_choice, check_flag, read_csv
+from ..registry import register_loader
 
 
 LAYOUT = """<data_dir>/
@@ -48,6 +49,7 @@ def _audio(data_dir: Path, video_id: str, clip_id: str) -> str | None:
     return None
 
 
+@register_loader("mosi", description="YouTube opinion monologues, English; sentiment, not emotion")
 def load_mosi(
     data_dir: str | Path,
     label_set: str = "binary",

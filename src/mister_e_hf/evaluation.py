@@ -1,0 +1,85 @@
+"""One evaluation path for `examples/run_erc.py`, `mister-e evaluate` and the benchmarks: `Trainer.predict` on a
+split, then the model's head scores it (its metrics, and for class labels the confusion matrix and gate plots).
+
+```python
+from mister_e_hf.evaluation import evaluate_split, evaluation_trainer
+trainer = evaluation_trainer(model, processor, batch_size=8)          # or the MisterETrainer that trained it
+metrics = evaluate_split(trainer, datasets["test"], "test", output_dir="runs/x")   # test_weighted_f1, ...
+```
+"""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from transformers import TrainingArguments
+from transformers.utils import logging
+
+from .atomic import atomic_write_json
+from .data.collator import DataCollatorForConversations
+from .errors import MisterEError
+
+
+logger = logging.get_logger(__name__)
+
+
+def label_names(model) -> list[str]:
+    """The model's label (or dimension) names in id order."""
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+def evaluation_trainer(model, processor, batch_size: int = 8, output_dir: str | None = None, **arguments):
+    """A `MisterETrainer` that only evaluates and predicts `model` (no training arguments to get wrong): batches of
+    `batch_size` conversations, the model's head's metrics. A regression head reads its dimensions from the columns
+    named after them."""
+    from .trainer import MisterETrainer, build_compute_metrics
+
+    names = label_names(model)
+    values = model.head.target == "values"
+    args = TrainingArguments(output_dir=output_dir or tempfile.mkdtemp(prefix="mister-e-evaluation-"),
+                             per_device_eval_batch_size=batch_size, report_to="none", remove_unused_columns=False,
+                             **arguments)
+    return MisterETrainer(model=model, args=args, processing_class=processor,
+                          data_collator=DataCollatorForConversations(processor, label_columns=names if values else None),
+                          compute_metrics=build_compute_metrics(names, model.expert_names, head=model.head))
+
+
+def evaluate_split(trainer, dataset, prefix: str, output_dir=None, confusion_matrix: bool = False) -> dict:
+    """Metrics of one split under `<prefix>_` names: `trainer.predict` (the head's metrics and the mean gate weight
+    per expert) plus what the head's detailed metrics add (per-class F1, CMU-MOSI's score metrics, ...). With
+    `output_dir`, and when the head gives a confusion matrix, also `confusion_matrix_<prefix>.png/.json` and
+    `gate_weights_<prefix>.png` (mean gate weight by true class). Metrics that are undefined on the split (e.g.
+    MOSI's non-0 scores when every true score is 0) are `None`, never NaN. `confusion_matrix=True` also returns the
+    matrix (rows: true classes) as `<prefix>_confusion_matrix`."""
+    from .plotting import plot_confusion_matrix, plot_gate_weights_by_class
+
+    model = trainer.model
+    head, names = model.head, label_names(model)
+    prediction = trainer.predict(dataset, metric_key_prefix=prefix)
+    if prediction.label_ids is None:
+        raise MisterEError(f"The {prefix} split has no labels to evaluate against.")
+    predicted, true, scores, gates = head.flatten(prediction.predictions, prediction.label_ids)
+    metrics = dict(prediction.metrics)
+    detailed = head.metrics(predicted, true, names, **head.metric_extras(dataset, scores, names))
+    matrix = detailed.pop("confusion_matrix", None)
+    undefined = sorted(k for k, v in detailed.items() if isinstance(v, float) and not np.isfinite(v))
+    if undefined:
+        logger.warning(f"{prefix}: {undefined} are undefined on this split; written as null.")
+        detailed.update(dict.fromkeys(undefined))
+    metrics.update({f"{prefix}_{k}": v for k, v in detailed.items()})
+    if confusion_matrix and matrix is not None:
+        metrics[f"{prefix}_confusion_matrix"] = matrix
+    if output_dir is not None and matrix is not None:
+        output_dir = Path(output_dir)
+        headline = detailed.get(head.headline_metric)
+        shown = "" if headline is None else f": {head.headline_metric.replace('_', ' ')} " + (
+            f"{100 * headline:.1f}" if head.percent else f"{headline:.3f}")
+        plot_confusion_matrix(matrix, names, output_dir / f"confusion_matrix_{prefix}.png", title=f"{prefix}{shown}")
+        plot_gate_weights_by_class(gates, true, names, model.expert_names, output_dir / f"gate_weights_{prefix}.png",
+                                   title=f"{prefix}: mean gate weight by true class")
+        atomic_write_json(output_dir / f"confusion_matrix_{prefix}.json", {"labels": names, "matrix": matrix},
+                          indent=1)
+    return metrics
+
+
+__all__ = ["evaluate_split", "evaluation_trainer", "label_names"]
