@@ -135,3 +135,23 @@ def test_trust_remote_code_in_a_fresh_process_without_the_package(build, tmp_pat
     with torch.no_grad():
         expected = model(**processor(conversations=conversations)).logits
     np.testing.assert_array_equal(np.array(remote["logits"], dtype=np.float32), expected.numpy())
+
+
+def test_a_checkpoint_saved_before_the_component_registries_still_loads_and_predicts_the_same():
+    """`tests/data/checkpoint-0.1.0` was saved by mister_e_hf 0.1.0 as it was before loss terms, heads and
+    components became registered plug-ins (config without `loss_weights`, one field per loss term); with it, its
+    inputs and the logits, gate weights and losses that code computed."""
+    from helpers import REPO_ROOT
+
+    folder = REPO_ROOT / "tests" / "data" / "checkpoint-0.1.0"
+    expected = json.loads((folder / "expected.json").read_text())
+    model = AutoModel.from_pretrained(folder).eval()
+    assert model.config.loss_weights is None and model.embedding_statistics_fitted
+    inputs = {name: torch.tensor(expected[name]) for name in ("speech_embeds", "text_embeds", "utterance_mask", "labels")}
+    with torch.no_grad():
+        outputs = model(**inputs)
+    torch.testing.assert_close(outputs.logits, torch.tensor(expected["logits"]))
+    torch.testing.assert_close(outputs.gate_weights, torch.tensor(expected["gate_weights"]))
+    assert outputs.loss.item() == pytest.approx(expected["loss"], rel=1e-6)
+    for term in ("mixture_loss", "kl_loss", "supcon_loss", "expert_loss"):
+        assert outputs.losses[term].item() == pytest.approx(expected[term], rel=1e-6), term

@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from huggingface_hub.errors import StrictDataclassError
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # only our results and one-line errors on the terminal
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as error:
         print(f"mister-e: error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as error:  # corpus errors, unreadable files: still one line
+    except (ValueError, OSError, StrictDataclassError) as error:  # corpus, file and config errors: still one line
         print(f"mister-e: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     return 0

@@ -284,7 +284,9 @@ class MisterEConfig(PreTrainedConfig):
         for name, registry in (("speech_pooling", POOLINGS), ("visual_pooling", POOLINGS), ("fusion", FUSIONS),
                                ("head", HEADS), ("gate_type", GATES), ("context_layer", CONTEXT_LAYERS)):
             if getattr(self, name) not in registry:
-                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; registered: {list(registry)}.")
+                raise ValueError(f"Unknown {registry.kind} {getattr(self, name)!r} (`{name}`); registered: "
+                                 f"{list(registry)}. A component from outside mister_e_hf registers itself when its "
+                                 "module is imported: import it before building or loading the model.")
         if self.text_pooling != "auto" and self.text_pooling not in POOLINGS:
             raise ValueError(f"Unknown text_pooling {self.text_pooling!r}; choose 'auto' or one of {list(POOLINGS)}.")
         self.loss_term_weights()  # loss_weights name declared terms, with weights >= 0
