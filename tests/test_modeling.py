@@ -159,7 +159,7 @@ def test_bad_inputs_raise_clear_errors(build):
 def test_config_validation_and_nested_round_trip(tmp_path):
     with pytest.raises(Exception, match="at least one modality"):
         MisterEConfig()
-    with pytest.raises(Exception, match="Unknown speech_pooling 'median'"):
+    with pytest.raises(Exception, match=r"Unknown pooling 'median' \(`speech_pooling`\)"):
         MisterEConfig(text_embed_dim=8, speech_pooling="median")
     with pytest.raises(Exception, match="Unknown fusion"):
         MisterEConfig(text_embed_dim=8, fusion="concat-everything")
@@ -249,9 +249,9 @@ def test_ablation_switches_no_gate_and_no_context(build):
         out = model(**inputs)
     torch.testing.assert_close(out.gate_weights[0], torch.tensor([[1 / 3] * 3, [0.0, 1.0, 0.0], [1 / 3] * 3]))
     assert not list(model.contexts.parameters()) and not list(model.fusion.gate.parameters())
-    with pytest.raises(Exception, match="Unknown gate_type"):
+    with pytest.raises(Exception, match=r"Unknown gate 'sparse' \(`gate_type`\)"):
         MisterEConfig(text_embed_dim=8, gate_type="sparse")
-    with pytest.raises(Exception, match="Unknown context_layer"):
+    with pytest.raises(Exception, match=r"Unknown context layer 'transformer' \(`context_layer`\)"):
         MisterEConfig(text_embed_dim=8, context_layer="transformer")
 
 

@@ -16,6 +16,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .errors import MisterEError
+from .modalities import MODALITY_TABLE
 from .pooling import POOLINGS
 
 
@@ -234,12 +235,8 @@ def _visual(backbone, inputs, pooling, chunk_size, all_layers):
     return encode_visual(backbone, inputs["pixel_values"], pooling, chunk_size, all_layers)
 
 
-INPUT_NAMES = {
-    "speech": ("input_values", "input_features", "speech_attention_mask"),
-    "text": ("input_ids", "text_attention_mask"),
-    "visual": ("pixel_values",),
-}
-"""The raw model inputs of each modality, shaped `(batch, utterances, ...)`."""
+INPUT_NAMES = {name: modality.inputs for name, modality in MODALITY_TABLE.items()}
+"""The raw model inputs of each modality, shaped `(batch, utterances, ...)` (from `modalities.MODALITY_TABLE`)."""
 
 ENCODERS = {"speech": _speech, "text": _text, "visual": _visual}
 """Per modality: `(backbone, inputs (N, ...) by name, pooling, chunk_size, all_layers) -> (N, [layers,] dim)`."""

@@ -35,6 +35,7 @@ from transformers.utils import logging
 from .atomic import atomic_write_json
 from .backbones import INPUT_NAMES
 from .errors import CacheError, ConversationInputError, MisterEError
+from .modalities import MODALITY_TABLE
 
 
 logger = logging.get_logger(__name__)
@@ -66,7 +67,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     return hasher.hexdigest()
 
 
-SOURCES = {"speech": ("audio", "audio"), "text": ("texts", "text"), "visual": ("images", "image")}
+SOURCES = {name: (modality.column, modality.key) for name, modality in MODALITY_TABLE.items()}
 """Per modality: the dataset column (one value per turn) and the utterance key its embeddings are computed from."""
 
 

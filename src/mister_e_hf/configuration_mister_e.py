@@ -7,14 +7,13 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils.type_validators import interval
 
+from .modalities import MODALITIES
 from .registry import CONTEXT_LAYERS, FUSIONS, GATES, HEADS, LAYER_COMBINERS, POOLINGS, load_builtins
 
 
 MIN_TEMPERATURE = 1e-3
 """The smallest softmax temperature accepted: logits divided by less overflow float32."""
 
-MODALITIES = ("speech", "text", "visual")
-"""The modalities a MiSTER-E model can hold, in the order used everywhere (inputs, experts, plots)."""
 
 
 NOT_TEXT_VIEWS = frozenset({"audio", "image", "images", "sampling_rate", "labels", "label", "turns", "turn",

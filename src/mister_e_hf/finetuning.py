@@ -13,9 +13,9 @@ from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .cache import SOURCES
 from .data.common import UNLABELLED
 from .errors import ConversationInputError, MisterEError, TrainingError
+from .modalities import MODALITY_TABLE
 from .processing_mister_e import is_blank
 from .trainer import FiniteTrainingMixin, _non_finite
 
@@ -81,7 +81,7 @@ class UtteranceClassifier(nn.Module):
 def _utterances(dataset: Dataset, modality: str) -> list[dict]:
     """The labelled utterances of `dataset` that have `modality` (not missing or blank), as `{<utterance key>: value,
     "label": id, "where": "conversation 'x', turn t"}`."""
-    column, key = SOURCES[modality]
+    column, key = MODALITY_TABLE[modality].column, MODALITY_TABLE[modality].key
     return [
         {key: value, "label": label, "where": f"conversation {row['conversation_id']!r}, turn {turn}"}
         for row in dataset
@@ -124,7 +124,7 @@ def finetune_backbone(model, processor, modality: str, datasets, method: str = "
         if not name.startswith(f"{modality}_backbone."):
             parameter.requires_grad_(False)
 
-    key = SOURCES[modality][1]
+    key = MODALITY_TABLE[modality].key
 
     def collate(items):
         try:

@@ -25,21 +25,22 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from .atomic import atomic_directory_update
 from .backbones import ENCODERS, INPUT_NAMES, build_backbone, load_backbone, load_backbone_config
 from .backbones import resolve_text_pooling
-from .configuration_mister_e import MODALITIES, MisterEConfig
-from .errors import ConversationInputError, MisterEError
+from .configuration_mister_e import MisterEConfig
 from .context_layers import ConversationContext, NoContext  # noqa: F401  (built-ins register themselves)
+from .errors import ConversationInputError, MisterEError
 from .fusions import FUSIONS
 from .heads import HEADS, RegressionHead
 from .layer_combiners import LAYER_COMBINERS, LayerWeighting
-from .registry import CONTEXT_LAYERS
-from .outputs import MisterEOutput, ModalityFeatures
+from .modalities import MODALITIES, MODALITY_TABLE
+from .outputs import ConversationState, MisterEOutput, ModalityFeatures
 from .processing_mister_e import check_backbone_path, receptive_field, text_positions
+from .registry import CONTEXT_LAYERS
 
 
 CODE_FILES = ("modeling_mister_e.py", "processing_mister_e.py")
 """Files that `save_pretrained` copies (with their relative imports) so a checkpoint loads with remote code."""
 
-BACKBONE_INPUTS = {"speech": ("input_values", "input_features"), "text": ("input_ids",), "visual": ("pixel_values",)}
+BACKBONE_INPUTS = {name: modality.backbone_inputs for name, modality in MODALITY_TABLE.items()}
 """What a backbone of each modality reads (its `main_input_name`)."""
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -129,6 +130,49 @@ class TextViewGate(nn.Module):
         return (weights.unsqueeze(-1) * views).sum(-2)
 
 
+class ModalityEncoder:
+    """One modality's path from utterance embeddings to `ModalityFeatures`, as the architecture draws it:
+
+        embeddings (B, U, [views,] [layers,] D) -> standardise -> combine layers -> fuse text views -> project (P)
+        -> context layer over the conversation (H)
+
+    `__call__(embeds, mask, utterance_mask, view_mask=None, state=None)` runs it over whole conversations, or with a
+    streaming `state` (the context layer's, for this modality) steps over one new utterance and returns the new
+    state. The modules are the model's own (`standardizers`, `layer_combiners`, `text_views`, `projections`,
+    `contexts`), referenced, not owned: their parameter names, and so every saved checkpoint, are unchanged."""
+
+    def __init__(self, model: "MisterEModel", modality: str):
+        self.modality = modality
+        self.standardizer = model.standardizers[modality] if modality in model.standardizers else None
+        self.combiner = model.layer_combiners[modality] if modality in model.layer_combiners else None
+        self.views = model.text_views if modality == "text" else None
+        self.projection, self.context = model.projections[modality], model.contexts[modality]
+
+    def embed(self, embeds: torch.Tensor, mask: torch.Tensor, view_mask=None) -> torch.Tensor:
+        """Pooled embeddings -> one `(B, U, D')` vector per utterance (standardised, layers combined, views fused)."""
+        if self.standardizer is not None:
+            if not self.standardizer.fitted:
+                raise MisterEError(
+                    f"`standardize_embeddings` is on but the {self.modality} statistics were never fitted: call "
+                    "`model.fit_embedding_statistics` on training embeddings (MisterETrainer does it).")
+            embeds = self.standardizer(embeds)  # padding is masked after the projection
+        if self.combiner is not None:
+            embeds = self.combiner(embeds)
+        if self.views is not None:
+            present = view_mask if view_mask is not None else torch.ones(embeds.shape[:3], dtype=torch.bool,
+                                                                          device=embeds.device)
+            embeds = self.views(embeds, present.bool() & mask.unsqueeze(-1))
+        return embeds
+
+    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, utterance_mask: torch.Tensor, view_mask=None,
+                 state=None, streaming: bool = False):
+        projected = self.projection(embeds).masked_fill(~mask.unsqueeze(-1), 0.0)
+        if not streaming:
+            return ModalityFeatures(projected, self.context(projected, utterance_mask), mask), None
+        step, state = self.context.step(projected[:, 0], state)
+        return ModalityFeatures(projected, step.unsqueeze(1), mask), state
+
+
 class MisterEPreTrainedModel(PreTrainedModel):
     config_class = MisterEConfig
     base_model_prefix = "mister_e"
@@ -211,6 +255,7 @@ class MisterEModel(MisterEPreTrainedModel):
                            if "text" in config.modalities and len(config.text_views) > 1 else None)
         context_class = CONTEXT_LAYERS[config.context_layer]
         self.contexts = nn.ModuleDict({m: context_class(config.projection_dim, config) for m in config.modalities})
+        self.encoders = {m: ModalityEncoder(self, m) for m in config.modalities}  # views over the modules above
         self.head = HEADS[config.head](config)
         self.loss_weights = config.loss_term_weights()
         fusion_class = FUSIONS[config.fusion]
@@ -517,7 +562,7 @@ class MisterEModel(MisterEPreTrainedModel):
         visual_mask: torch.LongTensor | None = None,
         text_view_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
-        conversation_state: dict | None = None,
+        conversation_state: ConversationState | dict | None = None,
         return_dict: bool | None = None,
     ) -> MisterEOutput | tuple:
         r"""
@@ -539,9 +584,10 @@ class MisterEModel(MisterEPreTrainedModel):
             speech_mask / text_mask / visual_mask (`(batch, utterances)`): 1 where an utterance has this modality (0 for an
                 utterance without audio). Default: every real utterance, when the modality's inputs are given.
             labels (`(batch, utterances)`): class ids, -100 for padding or unlabelled utterances.
-            conversation_state (`dict`, *optional*): streaming with a causal model (`context_bidirectional=False`):
-                the inputs are one new utterance per conversation (`utterances == 1`), and this dict (empty at the
-                first utterance, then the one returned as `outputs.conversation_state`) carries what the context
+            conversation_state (`ConversationState`, *optional*): streaming with a causal model
+                (`context_bidirectional=False`): the inputs are one new utterance per conversation (`utterances == 1`),
+                and this state (a new `ConversationState()`, or `{}`, at the first utterance, then the one returned as
+                `outputs.conversation_state`) carries what the context
                 layers and the cross-modal expert keep of the earlier utterances, so none is recomputed. The outputs
                 equal those of a forward over the whole conversation so far, at its last utterance.
             return_dict (`bool`, *optional*): False returns `MisterEOutput.to_tuple()` (its set fields, in order).
@@ -569,18 +615,14 @@ class MisterEModel(MisterEPreTrainedModel):
                 raise MisterEError("`conversation_state` (streaming) needs a causal model: `context_bidirectional=False`.")
             if utterance_mask.shape[1] != 1 or not utterance_mask.all():
                 raise MisterEError("With `conversation_state`, give exactly one new utterance per conversation.")
-            conversation_state.setdefault("context", {})
-            conversation_state.setdefault("fusion", {})
-            conversation_state["turns"] = conversation_state.get("turns", 0) + 1
+            conversation_state = ConversationState.from_value(conversation_state)
+            conversation_state.turns += 1
         given_masks = {"speech": speech_mask, "text": text_mask, "visual": visual_mask}
         if text_view_mask is None and input_ids is not None and input_ids.dim() == 4:
             text_view_mask = text_attention_mask.bool().any(-1)  # the views that have tokens
-        features = self._features(raw, given_embeds, given_masks, utterance_mask,
-                                  None if conversation_state is None else conversation_state["context"],
-                                  text_view_mask)
-
+        features = self._features(raw, given_embeds, given_masks, utterance_mask, conversation_state, text_view_mask)
         fused = self.fusion(features, utterance_mask,
-                            **({} if conversation_state is None else {"state": conversation_state["fusion"]}))
+                            **({} if conversation_state is None else {"state": conversation_state.fusion}))
         logits = self.head.mix(fused.expert_outputs, fused.gate_weights)
 
         loss, losses = None, None
@@ -604,42 +646,25 @@ class MisterEModel(MisterEPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def _features(self, raw, given_embeds, given_masks, utterance_mask, context_state=None, view_mask=None):
-        """Each modality's `ModalityFeatures`: embeddings (given, or from the backbone), layers combined, text views
-        fused, projected and put in context. With `context_state` (streaming), the context layers step over one new
+    def _features(self, raw, given_embeds, given_masks, utterance_mask, state=None, view_mask=None):
+        """Each modality's `ModalityFeatures` through its `ModalityEncoder`, from given embeddings, the backbone's,
+        or zeros where the modality is absent; with a streaming `state`, the context layers step over one new
         utterance."""
-        features = {}
-        for modality in self.config.modalities:
-            embeds, mask = self._modality_inputs(
-                modality, raw[modality], given_embeds[modality], given_masks[modality], utterance_mask
-            )
-            if embeds is None:
-                embeds = self._zeros(utterance_mask, self._combined_dim(modality))
-            else:
-                if modality in self.standardizers:
-                    if not self.standardizers[modality].fitted:
-                        raise MisterEError(
-                            f"`standardize_embeddings` is on but the {modality} statistics were never fitted: call "
-                            "`model.fit_embedding_statistics` on training embeddings (MisterETrainer does it).")
-                    embeds = self.standardizers[modality](embeds)  # padding is masked after the projection
-                if modality in self.layer_combiners:
-                    embeds = self.layer_combiners[modality](embeds)
-                if modality == "text" and self.text_views is not None:
-                    present = view_mask if view_mask is not None else torch.ones(
-                        embeds.shape[:3], dtype=torch.bool, device=embeds.device)
-                    embeds = self.text_views(embeds, present.bool() & mask.unsqueeze(-1))
-            projected = self.projections[modality](embeds).masked_fill(~mask.unsqueeze(-1), 0.0)
-            if context_state is None:
-                context = self.contexts[modality](projected, utterance_mask)
-            else:
-                step, context_state[modality] = self.contexts[modality].step(projected[:, 0], context_state.get(modality))
-                context = step.unsqueeze(1)
-            features[modality] = ModalityFeatures(utterance=projected, context=context, mask=mask)
         for modality in MODALITIES:
-            if modality not in features and (given_embeds[modality] is not None or any(
-                v is not None for v in raw[modality].values()
-            )):
+            if modality not in self.config.modalities and (given_embeds[modality] is not None or any(
+                    v is not None for v in raw[modality].values())):
                 raise MisterEError(f"{modality} inputs were given, but this model has no {modality} modality.")
+        features = {}
+        for modality, encoder in self.encoders.items():
+            embeds, mask = self._modality_inputs(modality, raw[modality], given_embeds[modality],
+                                                 given_masks[modality], utterance_mask)
+            embeds = self._zeros(utterance_mask, self._combined_dim(modality)) if embeds is None \
+                else encoder.embed(embeds, mask, view_mask)
+            features[modality], context_state = encoder(embeds, mask, utterance_mask, view_mask,
+                                                        None if state is None else state.context.get(modality),
+                                                        streaming=state is not None)
+            if state is not None:
+                state.context[modality] = context_state
         present = torch.stack([f.mask for f in features.values()]).any(0)
         if (utterance_mask & ~present).any():
             b, u = (utterance_mask & ~present).nonzero()[0].tolist()
@@ -675,9 +700,8 @@ class MisterEModel(MisterEPreTrainedModel):
                 if not value.is_floating_point():
                     raise MisterEError(f"`{name}` must hold floating-point values, got {value.dtype} (the processor "
                                        "makes these inputs; embeddings are float vectors).")
-                modality = next(m for m, names in {"speech": ("input_values", "input_features"),
-                                                   "visual": ("pixel_values",)}.items() if name in names) \
-                    if not name.endswith("_embeds") else None
+                modality = None if name.endswith("_embeds") else next(
+                    m for m, spec in MODALITY_TABLE.items() if name in spec.backbone_inputs)
                 backbone = getattr(self, f"{modality}_backbone", None) if modality else None
                 target = next(backbone.parameters()).dtype if backbone is not None else head_dtype
                 value = value.to(target)

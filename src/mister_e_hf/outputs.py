@@ -48,6 +48,46 @@ class FusionOutput:
 
 
 @dataclass
+class ConversationState:
+    """What a streamed conversation keeps between its utterances (like transformers' `Cache` objects): the turns seen
+    so far, each modality's context-layer state and the fusion's state. The model extends it in place for each new
+    utterance; `copy()` gives an independent one (tensors are shared, never written into), so a failed step can be
+    dropped and the conversation resumed from the last good turn.
+
+    Attributes:
+        turns: utterances seen so far.
+        context: per modality, what its context layer keeps of the past (e.g. the last inputs and the GRU state).
+        fusion: what the fusion keeps (e.g. the cross-modal expert's per-block caches).
+    """
+
+    turns: int = 0
+    context: dict = field(default_factory=dict)
+    fusion: dict = field(default_factory=dict)
+
+    def copy(self) -> "ConversationState":
+        return ConversationState(self.turns, _copy_structure(self.context), _copy_structure(self.fusion))
+
+    @classmethod
+    def from_value(cls, value) -> "ConversationState":
+        """A `ConversationState` as given, or from the dict older code passed (`{}` to start)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(turns=value.get("turns", 0), context=value.get("context", {}), fusion=value.get("fusion", {}))
+        raise TypeError(f"`conversation_state` must be a ConversationState (or {{}} to start), got "
+                        f"{type(value).__name__}.")
+
+
+def _copy_structure(value):
+    """A copy of nested dicts and lists; tensors are shared."""
+    if isinstance(value, dict):
+        return {key: _copy_structure(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_structure(item) for item in value]
+    return value
+
+
+@dataclass
 class MisterEOutput(ModelOutput):
     r"""
     Output of [`MisterEModel`].
@@ -72,7 +112,7 @@ class MisterEOutput(ModelOutput):
             Every unweighted loss term by name, as the head and the fusion return them (`mixture_loss`,
             `expert_loss`, `kl_loss`, `supcon_loss`, `distillation_loss`, a plug-in's own terms); `loss` is their sum
             weighted by `config.loss_term_weights()`.
-        conversation_state (`dict`, *optional*):
+        conversation_state (`ConversationState`, *optional*):
             Streaming only: the state to pass with the next utterance (see `MisterEModel.forward`).
     """
 
@@ -83,7 +123,7 @@ class MisterEOutput(ModelOutput):
     expert_mask: torch.BoolTensor | None = None
     utterance_mask: torch.BoolTensor | None = None
     losses: dict[str, torch.FloatTensor] | None = None
-    conversation_state: dict | None = None
+    conversation_state: ConversationState | None = None
 
 
-__all__ = ["ModalityFeatures", "FusionOutput", "MisterEOutput"]
+__all__ = ["ModalityFeatures", "FusionOutput", "MisterEOutput", "ConversationState"]

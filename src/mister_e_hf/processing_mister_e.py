@@ -15,6 +15,7 @@ from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
 from .atomic import atomic_directory_update
 from .errors import ConversationInputError, MisterEError
+from .modalities import MODALITY_TABLE
 
 
 try:  # optional: only needed to read audio files given by path
@@ -264,7 +265,7 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
 
 
-MODALITY_KEYS = {"speech": "audio", "text": "text", "visual": "image"}
+MODALITY_KEYS = {name: modality.key for name, modality in MODALITY_TABLE.items()}
 """The utterance key each modality reads."""
 
 

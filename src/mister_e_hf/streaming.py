@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConversationInputError, MisterEError
+from .outputs import ConversationState
 
 
 @dataclass
@@ -49,15 +50,15 @@ class StreamingEmotionRecognizer:
                 "`context_bidirectional=False`."
             )
         self.model, self.processor = model.eval(), processor
-        self.state: dict = {}
+        self.state = ConversationState()
 
     def reset(self) -> None:
         """Forget the conversation so far."""
-        self.state = {}
+        self.state = ConversationState()
 
     @property
     def turns(self) -> int:
-        return self.state.get("turns", 0)
+        return self.state.turns
 
     @torch.no_grad()
     def push(self, utterance: dict) -> UtterancePrediction:
@@ -72,7 +73,7 @@ class StreamingEmotionRecognizer:
             inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
             prepared = time.perf_counter()
             # the model extends the state in place: give it a copy, kept only if the whole step succeeds
-            outputs = self.model(**inputs, conversation_state=_copy_structure(self.state))
+            outputs = self.model(**inputs, conversation_state=self.state.copy())
         except ConversationInputError as error:
             raise error.named(f"streamed turn {turn}") from None
         done = time.perf_counter()
@@ -94,14 +95,5 @@ class StreamingEmotionRecognizer:
             timings_ms={"processor": 1000 * (prepared - start), "model": 1000 * (done - prepared)},
             decoded=decoded,
         )
-
-def _copy_structure(state):
-    """A copy of the dicts and lists of a conversation state; tensors are shared (the model replaces them, never
-    writes into them)."""
-    if isinstance(state, dict):
-        return {key: _copy_structure(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [_copy_structure(value) for value in state]
-    return state
 
 __all__ = ["StreamingEmotionRecognizer", "UtterancePrediction"]

@@ -7,11 +7,12 @@ import numpy as np
 import torch
 
 from ..errors import ConversationInputError, MisterEError
+from ..modalities import MODALITIES, MODALITY_TABLE
 from .common import UNLABELLED
 
 
-EMBEDDING_MODALITIES = ("speech", "text", "visual")
-PER_TURN_COLUMNS = ("audio", "images", "labels", "turns")
+EMBEDDING_MODALITIES = MODALITIES
+PER_TURN_COLUMNS = (*(m.column for m in MODALITY_TABLE.values() if m.column != "texts"), "labels", "turns")
 """Row columns that hold one value per turn (besides `texts`, embeddings and label / text-view columns)."""
 
 
@@ -63,10 +64,9 @@ class DataCollatorForConversations:
                                    f"have no column {absent} (they have {sorted(rows[0])}).")
             conversations = [
                 [
-                    {"text": text, "audio": audio, "image": image, **{v: row[v][t] for v in views if v in row}}
-                    for t, (text, audio, image) in enumerate(zip(
-                        row["texts"], row.get("audio") or [None] * len(row["texts"]),
-                        row.get("images") or [None] * len(row["texts"])))
+                    {**{spec.key: (row.get(spec.column) or [None] * len(row["texts"]))[t]
+                        for spec in MODALITY_TABLE.values()}, **{v: row[v][t] for v in views}}
+                    for t in range(len(row["texts"]))
                 ]
                 for row in rows
             ]
@@ -116,7 +116,7 @@ class DataCollatorForConversations:
                                    f"row's in {differ}; every row of a batch needs the same columns.")
             for column in columns:
                 value = row[column]
-                if value is None and column in ("audio", "images"):
+                if value is None and column in PER_TURN_COLUMNS[:-2]:  # a modality column the corpus lacks
                     continue
                 if not isinstance(value, (list, tuple, np.ndarray)) or len(value) != n:
                     size = len(value) if isinstance(value, (list, tuple, np.ndarray)) else type(value).__name__
