@@ -34,8 +34,8 @@ from transformers.utils import logging
 
 from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor
 from mister_e_hf.cache import add_cached_embeddings
-from mister_e_hf.data import DataCollatorForConversations, load_corpus
-from mister_e_hf.trainer import MisterETrainer, build_compute_metrics
+from mister_e_hf.data import load_corpus
+from mister_e_hf.evaluation import build_trainer, evaluate_split
 
 from common import (REPO_ROOT, add_asset_args, emodb_dir, head_training_arguments, main_guard, meld_dir, minilm_path,
                     whisper_path)
@@ -98,12 +98,9 @@ def train_and_test(base, config_overrides, modalities, datasets, training, seed,
     selection = dict(eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
                      metric_for_best_model="weighted_f1") if select_on_validation else {}
     args = head_training_arguments(str(workdir), seed=seed, **selection, **training)
-    label_names = list(base.config.id2label.values())
-    trainer = MisterETrainer(model=model, args=args, train_dataset=splits["train"],
-                             eval_dataset=splits.get("validation"), data_collator=DataCollatorForConversations(),
-                             compute_metrics=build_compute_metrics(label_names, model.expert_names))
+    trainer = build_trainer(model, args, splits["train"], splits.get("validation"))  # run_erc's trainer
     trainer.train()
-    metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")
+    metrics = evaluate_split(trainer, splits["test"], "test")  # run_erc's evaluation
     return {"accuracy": metrics["test_accuracy"], "weighted_f1": metrics["test_weighted_f1"],
             **{k[5:]: v for k, v in metrics.items() if k.startswith("test_gate_")}}
 

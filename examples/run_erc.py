@@ -52,16 +52,10 @@ from mister_e_hf.checkpoints import check_resume_settings, checkpoint_problem, f
 from mister_e_hf.data import DataCollatorForConversations, load_corpus, loader_arguments, loader_options
 from mister_e_hf.errors import CorpusError, MisterEError, TrainingError
 from mister_e_hf.finetuning import finetune_backbone, finetuning_problems
-from mister_e_hf.evaluation import evaluate_split
+from mister_e_hf.evaluation import build_trainer, evaluate_split
 from mister_e_hf.modelcard import write_model_card
 from mister_e_hf.registry import HEADS, LOADERS
-from mister_e_hf.trainer import (
-    MisterETrainer,
-    build_compute_metrics,
-    check_labels,
-    check_training_arguments,
-    training_argument_problems,
-)
+from mister_e_hf.trainer import build_compute_metrics, check_labels, check_training_arguments, training_argument_problems
 
 
 logger = logging.getLogger(__name__)
@@ -670,16 +664,8 @@ def main(argv: list[str] | None = None):
     callbacks = []
     if train and training_args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
-    trainer = MisterETrainer(
-        model=model,
-        args=training_args,
-        train_dataset=datasets.get("train"),
-        eval_dataset=datasets.get("validation") if train else None,
-        data_collator=collator,
-        processing_class=processor,
-        compute_metrics=compute_metrics,
-        callbacks=callbacks,
-    )
+    trainer = build_trainer(model, training_args, datasets.get("train"), datasets.get("validation") if train else None,
+                            processor, callbacks)
 
     if train:
         start = time.perf_counter()

@@ -1,9 +1,11 @@
-"""One evaluation path for `examples/run_erc.py`, `mister-e evaluate` and the benchmarks: `Trainer.predict` on a
-split, then the model's head scores it (its metrics, and for class labels the confusion matrix and gate plots).
+"""One training and evaluation path for `examples/run_erc.py`, `mister-e evaluate` and the benchmarks: the trainer is
+built the same way (`build_trainer`), and a split is evaluated by `Trainer.predict`, then the model's head scores it
+(its metrics, and for class labels the confusion matrix and gate plots).
 
 ```python
-from mister_e_hf.evaluation import evaluate_split, evaluation_trainer
-trainer = evaluation_trainer(model, processor, batch_size=8)          # or the MisterETrainer that trained it
+from mister_e_hf.evaluation import build_trainer, evaluate_split, evaluation_trainer
+trainer = build_trainer(model, training_args, datasets["train"], datasets["validation"], processor)
+trainer.train()                                                       # or evaluation_trainer(model, processor)
 metrics = evaluate_split(trainer, datasets["test"], "test", output_dir="runs/x")   # test_weighted_f1, ...
 ```
 """
@@ -28,20 +30,28 @@ def label_names(model) -> list[str]:
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
-def evaluation_trainer(model, processor, batch_size: int = 8, output_dir: str | None = None, **arguments):
-    """A `MisterETrainer` that only evaluates and predicts `model` (no training arguments to get wrong): batches of
-    `batch_size` conversations, the model's head's metrics. A regression head reads its dimensions from the columns
-    named after them."""
+def build_trainer(model, args, train_dataset=None, eval_dataset=None, processor=None, callbacks=None):
+    """The `MisterETrainer` for `model`, as run_erc, the CLI and the benchmarks build it: the conversation collator
+    (embeddings mode for cached rows, else `processor`), labels read as the head reads them (class ids, or a
+    regression head's dimensions from the columns named after them) and the head's metrics."""
     from .trainer import MisterETrainer, build_compute_metrics
 
     names = label_names(model)
-    values = model.head.target == "values"
+    label_columns = names if model.head.target == "values" else None
+    return MisterETrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          processing_class=processor,
+                          data_collator=DataCollatorForConversations(processor, label_columns=label_columns),
+                          compute_metrics=build_compute_metrics(names, model.expert_names, head=model.head),
+                          callbacks=callbacks)
+
+
+def evaluation_trainer(model, processor, batch_size: int = 8, output_dir: str | None = None, **arguments):
+    """A trainer (`build_trainer`) that only evaluates and predicts `model`: batches of `batch_size` conversations,
+    no training arguments to get wrong."""
     args = TrainingArguments(output_dir=output_dir or tempfile.mkdtemp(prefix="mister-e-evaluation-"),
                              per_device_eval_batch_size=batch_size, report_to="none", remove_unused_columns=False,
                              **arguments)
-    return MisterETrainer(model=model, args=args, processing_class=processor,
-                          data_collator=DataCollatorForConversations(processor, label_columns=names if values else None),
-                          compute_metrics=build_compute_metrics(names, model.expert_names, head=model.head))
+    return build_trainer(model, args, processor=processor)
 
 
 def evaluate_split(trainer, dataset, prefix: str, output_dir=None, confusion_matrix: bool = False) -> dict:
@@ -82,4 +92,4 @@ def evaluate_split(trainer, dataset, prefix: str, output_dir=None, confusion_mat
     return metrics
 
 
-__all__ = ["evaluate_split", "evaluation_trainer", "label_names"]
+__all__ = ["build_trainer", "evaluate_split", "evaluation_trainer", "label_names"]

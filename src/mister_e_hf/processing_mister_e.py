@@ -309,8 +309,6 @@ class MisterEProcessor(ProcessorMixin):
         truncate_long_audio: keep the first `max_audio_seconds` of longer clips instead of refusing them.
     """
 
-    attributes = ["feature_extractor", "tokenizer", "image_processor"]
-
     DEFAULT_MIN_AUDIO_SECONDS = 0.025
     """The receptive field of the wav2vec2 family's convolutional front end (400 samples at 16 kHz), and of
     Whisper's 25-ms analysis window: the minimum audio when the backbone's own is not known."""

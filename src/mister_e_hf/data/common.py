@@ -388,7 +388,6 @@ def build_split(
     metadata: dict[str, Value] | None = None,
     skip_invalid: bool = False,
     source: str = "",
-    check_audio_files: bool = True,
 ) -> Dataset:
     """Groups utterance records into conversations, turns in order, and validates them.
 
@@ -409,7 +408,6 @@ def build_split(
         skip_invalid: leave out utterances with an invalid id or turn, an unknown label, an unreadable audio file or a
             duplicated turn, counting them in `report`, instead of raising.
         source: the file the records come from, for messages.
-        check_audio_files: check that each audio file exists and its header decodes.
     """
     metadata = metadata or {}
     label_names = check_label_names(label_names, source)
@@ -417,7 +415,7 @@ def build_split(
     label_ids = {name: i for i, name in enumerate(label_names)}
     by_conversation: dict[str, dict[int, dict]] = {}
     for record in records:
-        problem = _record_problem(record, label_ids, by_conversation, source, check_audio_files)
+        problem = _record_problem(record, label_ids, by_conversation, source)
         if problem is not None:
             report.invalid(split, *problem, skip_invalid)
             continue
@@ -447,7 +445,7 @@ def build_split(
     return Dataset.from_list(rows, features=conversation_features(label_names, metadata))
 
 
-def _record_problem(record: dict, label_ids: dict, seen: dict, source: str, check_audio_files: bool):
+def _record_problem(record: dict, label_ids: dict, seen: dict, source: str):
     """`(reason, message)` of what is wrong with one utterance record, or None."""
     conversation_id, turn, label = record.get("conversation_id"), record.get("turn"), record.get("label")
     where = (f" in {source}" if source else "") + (f", line {record['_line']}" if record.get("_line") else "")
@@ -463,7 +461,7 @@ def _record_problem(record: dict, label_ids: dict, seen: dict, source: str, chec
     if label is not None and label not in label_ids:
         return "unknown label", (f"unknown label {label!r} in {at}; allowed: {sorted(label_ids)}"
                                  + _resembles(label, label_ids))
-    if record.get("audio") is not None and check_audio_files and (reason := check_audio(record["audio"])):
+    if record.get("audio") is not None and (reason := check_audio(record["audio"])):
         return reason, f"{reason}: {record['audio']} ({at})"
     if record.get("image") is not None and not os.path.isfile(record["image"]):
         return "image file not found", f"image file not found: {record['image']} ({at})"
