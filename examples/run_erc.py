@@ -575,6 +575,108 @@ def check_splits(datasets: DatasetDict, stages: tuple[bool, bool, bool], explici
     return DatasetDict({split: data for split, data in datasets.items() if keep.get(split)})
 
 
+def find_resume(training_args, output_dir: Path) -> str | None:
+    """The checkpoint to resume from: the one given (it must be complete), else the newest complete one of
+    `output_dir` (incomplete ones are moved aside), else None."""
+    need_optimizer = not training_args.save_only_model
+    resume = training_args.resume_from_checkpoint
+    if resume:
+        if problem := checkpoint_problem(resume, need_optimizer):
+            raise TrainingError(f"Cannot resume from --resume_from_checkpoint {resume}: {problem}.")
+        return resume
+    return find_resumable_checkpoint(output_dir, need_optimizer)  # the trainer says "Resuming from ..."
+
+
+def prepare_data(data_args, training_args, given, asked, stages, saved, head, output_dir):
+    """(datasets, report, label_names, label_columns, stages): the corpus loaded, its report saved, the splits the
+    stages need, every split's labels checked (before any extraction), and the training arguments set to what the
+    data allow (the head's headline metric for model selection; no evaluation without a validation split)."""
+    saved_labels = [saved.id2label[i] for i in range(saved.num_labels)] if saved is not None else None
+    datasets, report = load_data(data_args, saved_labels if HEADS[head].target == "classes" else None)
+    report.save(output_dir / "data_report.json")
+    logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
+    datasets = check_splits(datasets, stages, explicit=bool(asked))
+    stages = (stages[0], stages[1] and "validation" in datasets, stages[2] and "test" in datasets)
+    training_args.do_train, training_args.do_eval, training_args.do_predict = stages
+    label_columns = [c.strip() for c in data_args.label_columns.split(",")] if data_args.label_columns else None
+    label_names = label_columns or next(iter(datasets.values())).features["labels"].feature.names
+    if "metric_for_best_model" not in given:  # what the head leads with (weighted F1, mean CCC, ...)
+        training_args.metric_for_best_model = HEADS[head].headline_metric
+        training_args.greater_is_better = HEADS[head].greater_is_better
+    if not stages[0] or "validation" not in datasets:  # no evaluation while training
+        asked_for = [f"--{name}" for name in EVALUATION_OPTIONS if name in given and getattr(training_args, name)]
+        if stages[0] and training_args.eval_strategy != "no" and asked_for:
+            raise MisterEError(f"{', '.join(asked_for)} {'needs' if len(asked_for) == 1 else 'need'} a validation "
+                               f"split to evaluate on while training, and the corpus has only {', '.join(datasets)}: "
+                               f"leave {'it' if len(asked_for) == 1 else 'them'} out, or give a validation split.")
+        training_args.eval_strategy, training_args.load_best_model_at_end = "no", False
+    check_all_labels(datasets, label_names, head, label_columns)
+    return datasets, report, label_names, label_columns, stages
+
+
+def check_all_labels(datasets, label_names, head, label_columns) -> None:
+    for split in datasets:  # labels that cannot train or evaluate are refused before any compute
+        check_labels(datasets[split], split, label_names, head, label_columns=label_columns, training=split == "train")
+
+
+def extract(model, processor, datasets, model_args, data_args, report, output_dir, label_names, label_columns):
+    """(datasets with cached embedding columns, timings) when every backbone is frozen, else as given."""
+    if not all(getattr(model.config, f"freeze_{m}_backbone") for m in model.config.modalities):
+        return datasets, {}
+    start = time.perf_counter()
+    datasets, stats = add_cached_embeddings(model, processor, datasets, model_args.embedding_cache_dir,
+                                            model_args.extraction_batch_size, skip_invalid=data_args.skip_invalid,
+                                            report=report)
+    if data_args.skip_invalid:  # inputs refused at extraction were left out: counted, and checked again
+        report.save(output_dir / "data_report.json")
+        logger.info(f"After extraction: {report.summary()}")
+        check_all_labels(datasets, label_names, model.config.head, label_columns)
+    timings = {"embedding_seconds": round(time.perf_counter() - start, 2),
+               "extraction_seconds": round(stats.extraction_seconds, 2),
+               "cached_utterances": stats.cached_utterances, "utterances_embedded": stats.utterances_embedded,
+               "cache_shards_set_aside": stats.shards_set_aside}
+    logger.info(f"Embedding cache: {timings}")
+    return datasets, timings
+
+
+def train(trainer, resume: str | None, timings: dict) -> None:
+    """Trains (resuming from `resume`), then saves the model, processor, training metrics and state."""
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2)}
+    if resume:  # train_loss is the whole run's; the times and speeds are this process's
+        train_metrics["resumed_from_checkpoint"] = Path(resume).name
+    trainer.save_model()  # model + processor, with code and auto_map
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+
+
+def evaluate(trainer, datasets, stages, output_dir: Path) -> dict:
+    """The metrics of the validation (`eval_`) and test (`test_`) splits the stages ask for, each saved."""
+    results = {}
+    for split, prefix, wanted in (("validation", "eval", stages[1]), ("test", "test", stages[2])):
+        if wanted:
+            metrics = evaluate_split(trainer, datasets[split], prefix, output_dir)
+            trainer.save_metrics(prefix, metrics)
+            results.update(metrics)
+    logger.info("Results: " + json.dumps({k: v for k, v in results.items() if any(
+        name in k for name in ("f1", "acc", "ccc"))}, indent=1))
+    return results
+
+
+def publish(model, data_args, training_args, results, report, label_names, output_dir: Path, push: bool) -> None:
+    """The model card (from the measured results) and, with `push`, one Hub commit of the run folder."""
+    repo_id = training_args.hub_model_id or output_dir.name
+    details = "".join(f", {name} {value}" for name, value in (("label set", data_args.label_set),
+                                                              ("fold", data_args.fold)) if value is not None)
+    write_model_card(output_dir, model, dataset=data_args.dataset, label_names=label_names, results=results,
+                     training_args=training_args, data_report=report, repo_id=repo_id, dataset_details=details)
+    if push:  # model, processor, code, card and results in one commit; checkpoints stay local
+        commit = hub.push_to_hub(output_dir, repo_id, token=training_args.hub_token,
+                                 private=training_args.hub_private_repo)
+        logger.info(f"Pushed to {commit.commit_url}")
+
+
 def main(argv: list[str] | None = None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -585,118 +687,38 @@ def main(argv: list[str] | None = None):
     saved = saved_model_config(model_args)
     stages = requested_stages(asked)
     check_arguments(model_args, data_args, training_args, given, stages, saved)
-    train = stages[0]
     head = saved.head if saved is not None else model_args.head
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # one upload at the end, not per save
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # one upload at the end, not per save
+    resume = find_resume(training_args, output_dir) if stages[0] else None
 
-    resume = None
-    if train:
-        need_optimizer = not training_args.save_only_model
-        resume = training_args.resume_from_checkpoint
-        if resume:  # given: it must be complete
-            problem = checkpoint_problem(resume, need_optimizer)
-            if problem:
-                raise TrainingError(f"Cannot resume from --resume_from_checkpoint {resume}: {problem}.")
-        else:  # the newest complete checkpoint; incomplete ones are moved aside
-            resume = find_resumable_checkpoint(output_dir, need_optimizer)  # the trainer says "Resuming from ..."
-
-    saved_labels = [saved.id2label[i] for i in range(saved.num_labels)] if saved is not None else None
-    datasets, report = load_data(data_args, saved_labels if HEADS[head].target == "classes" else None)
-    report.save(output_dir / "data_report.json")
-    logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
-    datasets = check_splits(datasets, stages, explicit=bool(asked))
-    train, evaluate, predict = train, stages[1] and "validation" in datasets, stages[2] and "test" in datasets
-    training_args.do_train, training_args.do_eval, training_args.do_predict = train, evaluate, predict
-    label_columns = [c.strip() for c in data_args.label_columns.split(",")] if data_args.label_columns else None
-    label_names = label_columns or next(iter(datasets.values())).features["labels"].feature.names
-    if "metric_for_best_model" not in given:  # what the head leads with (weighted F1, mean CCC, ...)
-        training_args.metric_for_best_model = HEADS[head].headline_metric
-        training_args.greater_is_better = HEADS[head].greater_is_better
-    if not train or "validation" not in datasets:  # no evaluation while training
-        if train and training_args.eval_strategy != "no":
-            asked_for = [f"--{name}" for name in EVALUATION_OPTIONS if name in given and getattr(training_args, name)]
-            if asked_for:
-                raise MisterEError(f"{', '.join(asked_for)} {'needs' if len(asked_for) == 1 else 'need'} a validation "
-                                   f"split to evaluate on while training, and the corpus has only "
-                                   f"{', '.join(datasets)}: leave {'it' if len(asked_for) == 1 else 'them'} out, or "
-                                   "give a validation split.")
-        training_args.eval_strategy, training_args.load_best_model_at_end = "no", False
-    for split in datasets:  # labels that cannot train or evaluate are refused now, before any extraction
-        check_labels(datasets[split], split, label_names, head, label_columns=label_columns,
-                     training=split == "train")
-
+    datasets, report, label_names, label_columns, stages = prepare_data(data_args, training_args, given, asked,
+                                                                        stages, saved, head, output_dir)
     model, processor = build_model(model_args, label_names)
-    compute_metrics = build_compute_metrics(label_names, model.expert_names, head=model.head)
-    collator = DataCollatorForConversations(processor, label_columns=label_columns)
-    check_training_arguments(training_args, compute_metrics, training=train, data_collator=collator,
+    check_training_arguments(training_args, build_compute_metrics(label_names, model.expert_names, head=model.head),
+                             training=stages[0], data_collator=DataCollatorForConversations(processor),
                              loss_terms=list(model.loss_weights))
     if resume:  # before any compute: a checkpoint of other settings is refused (the trainer checks again)
         check_resume_settings(resume, model.config, training_args)
-    if train and model_args.backbone_finetuning != "none":
+    if stages[0] and model_args.backbone_finetuning != "none":
         for modality in model.config.modalities:
             finetune_backbone(model, processor, modality, datasets, method=model_args.backbone_finetuning,
                               epochs=model_args.finetuning_epochs, learning_rate=model_args.finetuning_learning_rate,
                               lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                               output_dir=output_dir / f"finetuning-{modality}", seed=training_args.seed)
-
-    timings = {}
-    cached = all(getattr(model.config, f"freeze_{m}_backbone") for m in model.config.modalities)
-    if cached:
-        start = time.perf_counter()
-        datasets, stats = add_cached_embeddings(model, processor, datasets, model_args.embedding_cache_dir,
-                                                model_args.extraction_batch_size, skip_invalid=data_args.skip_invalid,
-                                                report=report)
-        if data_args.skip_invalid:  # inputs refused at extraction were left out: counted, and checked again
-            report.save(output_dir / "data_report.json")
-            logger.info(f"After extraction: {report.summary()}")
-            for split in datasets:
-                check_labels(datasets[split], split, label_names, head, label_columns=label_columns,
-                             training=split == "train")
-        timings = {"embedding_seconds": round(time.perf_counter() - start, 2),
-                   "extraction_seconds": round(stats.extraction_seconds, 2),
-                   "cached_utterances": stats.cached_utterances, "utterances_embedded": stats.utterances_embedded,
-                   "cache_shards_set_aside": stats.shards_set_aside}
-        logger.info(f"Embedding cache: {timings}")
-
-    callbacks = []
-    if train and training_args.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
-    trainer = build_trainer(model, training_args, datasets.get("train"), datasets.get("validation") if train else None,
-                            processor, callbacks)
-
-    if train:
-        start = time.perf_counter()
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2)}
-        if resume:  # train_loss is the whole run's; the times and speeds are this process's
-            train_metrics["resumed_from_checkpoint"] = Path(resume).name
-        trainer.save_model()  # model + processor, with code and auto_map
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-
-    results = {}
-    for split, prefix, wanted in (("validation", "eval", evaluate), ("test", "test", predict)):
-        if wanted:
-            metrics = evaluate_split(trainer, datasets[split], prefix, output_dir)
-            trainer.save_metrics(prefix, metrics)
-            results.update(metrics)
-    logger.info("Results: " + json.dumps({k: v for k, v in results.items() if any(
-        name in k for name in ("f1", "acc", "ccc"))}, indent=1))
-    if not train:  # the model is the saved one, with its own card: only results are written
-        return
-
-    repo_id = training_args.hub_model_id or output_dir.name
-    details = "".join(f", {name} {value}" for name, value in (("label set", data_args.label_set),
-                                                              ("fold", data_args.fold)) if value is not None)
-    write_model_card(output_dir, model, dataset=data_args.dataset, label_names=label_names, results=results,
-                     training_args=training_args, data_report=report, repo_id=repo_id, dataset_details=details)
-    if push_to_hub:  # model, processor, code, card and results in one commit; checkpoints stay local
-        commit = hub.push_to_hub(output_dir, repo_id, token=training_args.hub_token,
-                                 private=training_args.hub_private_repo)
-        logger.info(f"Pushed to {commit.commit_url}")
+    datasets, timings = extract(model, processor, datasets, model_args, data_args, report, output_dir, label_names,
+                                label_columns)
+    callbacks = [EarlyStoppingCallback(training_args.early_stopping_patience)] \
+        if stages[0] and training_args.early_stopping_patience else []
+    trainer = build_trainer(model, training_args, datasets.get("train"),
+                            datasets.get("validation") if stages[0] else None, processor, callbacks)
+    if stages[0]:
+        train(trainer, resume, timings)
+    results = evaluate(trainer, datasets, stages, output_dir)
+    if stages[0]:  # without training the model is the saved one, with its own card: only results are written
+        publish(model, data_args, training_args, results, report, label_names, output_dir, push)
 
 
 def run(argv: list[str] | None = None) -> int:
