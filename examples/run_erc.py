@@ -451,51 +451,59 @@ def import_plugins(plugins: str | None) -> list[str]:
     return imported
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-                    given: set[str], stages: tuple[bool, bool, bool], saved: MisterEConfig | None) -> None:
-    """Refuses, in one `MisterEError` listing them all and before anything is loaded, arguments that would be
-    silently ignored, that contradict each other, or whose values cannot work."""
+def _saved_model_problems(model_args, training_args, given, saved, same_folder) -> list[str]:
+    """Options a saved model (--model_name_or_path) ignores, or the lack of any backbone without one."""
+    path = model_args.model_name_or_path
+    if saved is None:
+        if not any(getattr(model_args, name) for name in AS_SAVED[1:]):
+            return ["give --speech_model_name_or_path, --text_model_name_or_path and/or "
+                    "--visual_model_name_or_path (or --model_name_or_path)"]
+        return []
+    problems = []
+    ignored = [f"--{name}" for name in AS_SAVED if name in given]
+    if "head" in given and model_args.head != saved.head:
+        ignored.append(f"--head {model_args.head} (it has a {saved.head} head)")
+    frozen = caches_embeddings(model_args, saved)
+    if "freeze_backbones" in given and model_args.freeze_backbones != frozen:
+        ignored.append(f"--freeze_backbones {str(model_args.freeze_backbones).lower()} (its backbones are "
+                       f"{'frozen' if frozen else 'not frozen'})")
+    if model_args.backbone_finetuning != "none":
+        ignored.append(f"--backbone_finetuning {model_args.backbone_finetuning}")
+    if ignored:
+        problems.append(f"{', '.join(ignored)} cannot apply with --model_name_or_path: the saved model {path} is "
+                        "used as saved (its config, head, backbones and freezing); leave them out, or build a new "
+                        "model from backbones without --model_name_or_path")
+    if same_folder:
+        problems.append(f"--output_dir is the folder of --model_name_or_path ({path}): the run would overwrite the "
+                        "saved model or its results; give another --output_dir")
+    return problems
+
+
+def _stage_problems(training_args, given, stages, saved, same_folder) -> list[str]:
+    """Stages that cannot run, or training options given to a run that does not train."""
     train, evaluate, predict = stages
     problems = []
-    path = model_args.model_name_or_path
-    head = saved.head if saved is not None else model_args.head
-    same_folder = saved is not None and Path(path).exists() and (
-        Path(training_args.output_dir).resolve() == Path(path).resolve())
-    if saved is not None:
-        ignored = [f"--{name}" for name in AS_SAVED if name in given]
-        if "head" in given and model_args.head != saved.head:
-            ignored.append(f"--head {model_args.head} (it has a {saved.head} head)")
-        frozen = caches_embeddings(model_args, saved)
-        if "freeze_backbones" in given and model_args.freeze_backbones != frozen:
-            ignored.append(f"--freeze_backbones {str(model_args.freeze_backbones).lower()} (its backbones are "
-                           f"{'frozen' if frozen else 'not frozen'})")
-        if model_args.backbone_finetuning != "none":
-            ignored.append(f"--backbone_finetuning {model_args.backbone_finetuning}")
-        if ignored:
-            problems.append(f"{', '.join(ignored)} cannot apply with --model_name_or_path: the saved model {path} is "
-                            "used as saved (its config, head, backbones and freezing); leave them out, or build a new "
-                            "model from backbones without --model_name_or_path")
-        if same_folder:
-            problems.append(f"--output_dir is the folder of --model_name_or_path ({path}): the run would overwrite the "
-                            "saved model or its results; give another --output_dir")
-    elif not any(getattr(model_args, name) for name in AS_SAVED[1:]):
-        problems.append("give --speech_model_name_or_path, --text_model_name_or_path and/or "
-                        "--visual_model_name_or_path (or --model_name_or_path)")
-
     if not (train or evaluate or predict):
         problems.append("--do_train, --do_eval and --do_predict are all false: nothing to do")
-    if not train:
-        if (evaluate or predict) and saved is None:
-            problems.append("evaluating or predicting without training (--do_train not given) needs "
-                            "--model_name_or_path, the model to use")
-        not_applying = [f"--{name}" for name in ("resume_from_checkpoint", "push_to_hub", "backbone_finetuning",
-                                                  *FINETUNING_OPTIONS, "early_stopping_patience") if name in given]
-        if not_applying:
-            problems.append(f"{', '.join(not_applying)} apply to training only, and --do_train is not given")
-        if saved is not None and (Path(training_args.output_dir) / "config.json").exists() and not same_folder:
-            problems.append(f"--output_dir {training_args.output_dir} holds a saved model, whose results this "
-                            "evaluation would overwrite; give another --output_dir")
+    if train:
+        return problems
+    if (evaluate or predict) and saved is None:
+        problems.append("evaluating or predicting without training (--do_train not given) needs "
+                        "--model_name_or_path, the model to use")
+    not_applying = [f"--{name}" for name in ("resume_from_checkpoint", "push_to_hub", "backbone_finetuning",
+                                              *FINETUNING_OPTIONS, "early_stopping_patience") if name in given]
+    if not_applying:
+        problems.append(f"{', '.join(not_applying)} apply to training only, and --do_train is not given")
+    if saved is not None and (Path(training_args.output_dir) / "config.json").exists() and not same_folder:
+        problems.append(f"--output_dir {training_args.output_dir} holds a saved model, whose results this "
+                        "evaluation would overwrite; give another --output_dir")
+    return problems
 
+
+def _label_column_problems(model_args, data_args, saved) -> list[str]:
+    """--label_columns must name each regression dimension once, and be given exactly to heads of values."""
+    head = saved.head if saved is not None else model_args.head
+    problems = []
     label_columns = [c.strip() for c in data_args.label_columns.split(",")] if data_args.label_columns else None
     if label_columns is not None:
         repeated = sorted({c for c in label_columns if label_columns.count(c) > 1})
@@ -507,8 +515,14 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if values != bool(label_columns):
         problems.append(f"a {head} head " + ("needs --label_columns (the per-turn columns of its dimensions)"
                                              if values else "takes class labels, not --label_columns")
-                        + ("" if saved is None else f" ({path} has a {head} head)"))
+                        + ("" if saved is None else f" ({model_args.model_name_or_path} has a {head} head)"))
+    return problems
 
+
+def _finetuning_and_cache_problems(model_args, given, train, saved) -> list[str]:
+    """Backbone fine-tuning settings, --config_overrides, and cache options that need frozen backbones."""
+    head = saved.head if saved is not None else model_args.head
+    problems = []
     if model_args.backbone_finetuning != "none":
         problems += [f"--backbone_finetuning: {problem}" for problem in finetuning_problems(
             model_args.backbone_finetuning, model_args.finetuning_epochs, model_args.finetuning_learning_rate,
@@ -518,20 +532,25 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     elif train and set(FINETUNING_OPTIONS) & given:
         problems.append(f"{', '.join(f'--{o}' for o in FINETUNING_OPTIONS if o in given)} do nothing without "
                         "--backbone_finetuning full|lora")
-
+    cached = caches_embeddings(model_args, saved)
     if saved is None:
         try:
             overrides = parse_overrides(model_args.config_overrides)
         except MisterEError as error:
             problems.append(str(error).rstrip("."))
             overrides = {}
-        if overrides.get("standardize_embeddings") and not caches_embeddings(model_args, saved):
+        if overrides.get("standardize_embeddings") and not cached:
             problems.append("standardize_embeddings=true standardises cached embeddings, fitted on the training set: "
                             "it needs --freeze_backbones (or --backbone_finetuning)")
-    if not caches_embeddings(model_args, saved) and {"embedding_cache_dir", "extraction_batch_size"} & given:
+    if not cached and {"embedding_cache_dir", "extraction_batch_size"} & given:
         problems.append("--embedding_cache_dir and --extraction_batch_size apply to frozen backbones only "
                         "(--freeze_backbones), whose embeddings are cached")
+    return problems
 
+
+def _value_problems(model_args, data_args, training_args, train) -> list[str]:
+    """Numbers out of range, unusable folders, an invalid Hub id, and Trainer settings that cannot work."""
+    problems = []
     if training_args.early_stopping_patience is not None and training_args.early_stopping_patience < 1:
         problems.append(f"--early_stopping_patience is {training_args.early_stopping_patience} (it must be >= 1; "
                         "leave it out not to stop early)")
@@ -556,6 +575,21 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     # run_erc always computes metrics; which ones is known once the model is built (checked again then)
     problems += [f"--{problem}" for problem in training_argument_problems(training_args, compute_metrics=True,
                                                                           training=train)]
+    return problems
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                    given: set[str], stages: tuple[bool, bool, bool], saved: MisterEConfig | None) -> None:
+    """Refuses, in one `MisterEError` listing them all and before anything is loaded, arguments that would be
+    silently ignored, that contradict each other, or whose values cannot work."""
+    path = model_args.model_name_or_path
+    same_folder = saved is not None and Path(path).exists() and (
+        Path(training_args.output_dir).resolve() == Path(path).resolve())
+    problems = (_saved_model_problems(model_args, training_args, given, saved, same_folder)
+                + _stage_problems(training_args, given, stages, saved, same_folder)
+                + _label_column_problems(model_args, data_args, saved)
+                + _finetuning_and_cache_problems(model_args, given, stages[0], saved)
+                + _value_problems(model_args, data_args, training_args, stages[0]))
     if problems:
         raise MisterEError("; ".join(problems) + ".")
 
