@@ -418,85 +418,80 @@ def extract_embeddings(model, processor, modality: str, utterances: list[str], b
     return vectors
 
 
-def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: "EmbeddingCache",
-                      batch_size: int = 16, stats: CacheStats | None = None, desc: str = "",
-                      weights: str | None = None, split: str | None = None, skip_invalid: bool = False,
-                      report=None) -> Dataset:
-    """`<modality>_embeds` (per turn; zeros where absent) and `<modality>_present` (per turn 1/0) columns aligned with
-    `dataset`'s rows, read from the cache and extracting only the utterances it lacks. Errors name the utterance by
-    its file or text, `split`, conversation id and turn. With `skip_invalid`, an utterance whose input is refused
-    at extraction (NaN samples, too short, unreadable, a non-finite embedding) keeps its other modalities and is
-    marked as lacking this one, counted in `report` (a `DataReport`) with the reason."""
-    stats = stats if stats is not None else CacheStats()
-    entry = cache.entry(extraction_settings(model, processor, modality, weights))
-    shape = tuple(model.config.embedding_shape(modality))
-    columns = _columns(model, modality)
-    absent = [c for c in columns[1:] if c not in dataset.column_names]
-    if absent:  # a text view's column: a typo, or a corpus without it, would silently embed nothing
-        raise CacheError(f"The model reads the text views {list(model.config.text_views)}, but the {split or 'data'} "
-                         f"split has no column {absent} (it has {dataset.column_names}).")
-    views = [_utterances(dataset, column) for column in columns]
+class _Utterances:
+    """The utterances of one split for one modality: per column (one, or one per text view) their `(row, turn,
+    value)` and cache keys, and where each comes from (split, conversation id and turn) for messages."""
 
-    ids = list(dataset["conversation_id"]) if "conversation_id" in dataset.column_names else None
-    turns = list(dataset["turns"]) if "turns" in dataset.column_names else None
+    def __init__(self, model, modality: str, dataset: Dataset, split: str | None):
+        columns = _columns(model, modality)
+        absent = [c for c in columns[1:] if c not in dataset.column_names]
+        if absent:  # a text view's column: a typo, or a corpus without it, would silently embed nothing
+            raise CacheError(f"The model reads the text views {list(model.config.text_views)}, but the "
+                             f"{split or 'data'} split has no column {absent} (it has {dataset.column_names}).")
+        self.split = split
+        self.ids = list(dataset["conversation_id"]) if "conversation_id" in dataset.column_names else None
+        self.turns = list(dataset["turns"]) if "turns" in dataset.column_names else None
+        self.views = [_utterances(dataset, column) for column in columns]
+        self.keys = [[self._key(modality, i, t, value) for i, t, value in view] for view in self.views]
 
-    def location(i: int, t: int) -> str:
-        parts = [f"split {split!r}"] if split else []
-        parts.append(f"conversation {ids[i]!r}" if ids is not None else f"row {i}")
-        parts.append(f"turn {turns[i][t]}" if turns is not None else f"utterance {t}")
+    def location(self, i: int, t: int) -> str:
+        parts = [f"split {self.split!r}"] if self.split else []
+        parts.append(f"conversation {self.ids[i]!r}" if self.ids is not None else f"row {i}")
+        parts.append(f"turn {self.turns[i][t]}" if self.turns is not None else f"utterance {t}")
         return ", ".join(parts)
 
-    keys = []
-    for view in views:
-        view_keys = []
-        for i, t, value in view:
-            try:
-                view_keys.append(utterance_key(modality, value))
-            except OSError as error:
-                raise ConversationInputError(f"cannot read {describe_utterance(modality, value)} ({location(i, t)}): "
-                                             f"{error.strerror or error}") from None
-        keys.append(view_keys)
-    set_aside = len(cache.set_aside)
-    index, table = cache.read(entry, shape)
-    first_seen: dict[str, tuple[str, list[str]]] = {}  # key -> (value, locations of every utterance with it)
-    for view, view_keys in zip(views, keys):
-        for k, (i, t, value) in zip(view_keys, view):
-            if k not in index:
-                first_seen.setdefault(k, (value, []))[1].append(location(i, t))
-    missing = sorted(first_seen.items())
-    if missing:
-        start = time.perf_counter()
-        locations = [places[0] + (f", and {len(places) - 1} more utterances with the same content" if len(places) > 1
-                                  else "") for _, (_, places) in missing]
-        refused: dict[int, str] | None = {} if skip_invalid else None
-        vectors = extract_embeddings(model, processor, modality, [value for _, (value, _) in missing], batch_size,
-                                     desc, locations=locations, refused=refused)
-        for position, reason in (refused or {}).items():
-            for place in missing[position][1][1]:
-                if report is not None:
-                    report.skip(split or "data", f"{modality} refused at extraction (the utterance is kept without "
-                                                 f"it)", f"{place}: {reason}")
-            logger.warning(f"skip_invalid: {reason}; kept without its {modality}.")
-        kept = [(k, vector) for (k, _), vector in zip(missing, vectors) if vector is not None]
-        if kept and np.shape(kept[0][1]) != shape:
-            raise CacheError(f"The {modality} backbone gave embeddings of shape {np.shape(kept[0][1])}, the model "
-                             f"expects {shape} (`config.embedding_shape`); nothing was written.")
-        if kept:
-            cache.append(entry, [k for k, _ in kept], [vector for _, vector in kept])
-        stats.extraction_seconds += time.perf_counter() - start
-        stats.utterances_embedded += len(missing)
-        index, table = cache.read(entry, shape)
-        lost = [k for k, _ in kept if k not in index]
-        if lost:  # the shard just written failed its checks (already logged and moved aside)
-            raise CacheError(f"The embedding cache entry {entry} did not keep the {len(lost)} embeddings just "
-                             "written (see the warning above); check the disk.")
-    stats.shards_set_aside += len(cache.set_aside) - set_aside
-    total = sum(len(view) for view in views)
-    stats.cached_utterances += total - len(missing)
+    def _key(self, modality: str, i: int, t: int, value: str) -> str:
+        try:
+            return utterance_key(modality, value)
+        except OSError as error:
+            raise ConversationInputError(f"cannot read {describe_utterance(modality, value)} ({self.location(i, t)}): "
+                                         f"{error.strerror or error}") from None
 
+    def missing(self, index: dict) -> list[tuple[str, tuple[str, list[str]]]]:
+        """(key, (value, locations of every utterance with it)) of the distinct utterances `index` lacks, by key."""
+        first_seen: dict[str, tuple[str, list[str]]] = {}
+        for view, view_keys in zip(self.views, self.keys):
+            for k, (i, t, value) in zip(view_keys, view):
+                if k not in index:
+                    first_seen.setdefault(k, (value, []))[1].append(self.location(i, t))
+        return sorted(first_seen.items())
+
+    def __len__(self) -> int:
+        return sum(len(view) for view in self.views)
+
+
+def _extract_missing(model, processor, modality: str, missing, cache: "EmbeddingCache", entry: Path,
+                     shape: tuple[int, ...], batch_size: int, desc: str, split: str | None, skip_invalid: bool,
+                     report) -> list[str]:
+    """Embeds the `missing` utterances (`_Utterances.missing`) and appends them to the cache entry as one shard;
+    under `skip_invalid` the refused ones are counted in `report` and left out. Returns the keys written."""
+    locations = [places[0] + (f", and {len(places) - 1} more utterances with the same content" if len(places) > 1
+                              else "") for _, (_, places) in missing]
+    refused: dict[int, str] | None = {} if skip_invalid else None
+    vectors = extract_embeddings(model, processor, modality, [value for _, (value, _) in missing], batch_size,
+                                 desc, locations=locations, refused=refused)
+    for position, reason in (refused or {}).items():
+        for place in missing[position][1][1]:
+            if report is not None:
+                report.skip(split or "data", f"{modality} refused at extraction (the utterance is kept without it)",
+                            f"{place}: {reason}")
+        logger.warning(f"skip_invalid: {reason}; kept without its {modality}.")
+    kept = [(k, vector) for (k, _), vector in zip(missing, vectors) if vector is not None]
+    if kept and np.shape(kept[0][1]) != shape:
+        raise CacheError(f"The {modality} backbone gave embeddings of shape {np.shape(kept[0][1])}, the model "
+                         f"expects {shape} (`config.embedding_shape`); nothing was written.")
+    if kept:
+        cache.append(entry, [k for k, _ in kept], [vector for _, vector in kept])
+    return [k for k, _ in kept]
+
+
+def _embedding_columns(modality: str, dataset: Dataset, utterances: _Utterances, index: dict, table,
+                       shape: tuple[int, ...]) -> Dataset:
+    """`<modality>_embeds` / `<modality>_present` (and `<modality>_view_present` for text views) aligned with
+    `dataset`'s rows, from the cache rows `index` points to; utterances not in it (refused ones) stay absent."""
     per_view = []
-    for view, view_keys in zip(views, keys):
-        usable = [(place, k) for place, k in zip(view, view_keys) if k in index]  # refused ones stay absent
+    for view, view_keys in zip(utterances.views, utterances.keys):
+        usable = [(place, k) for place, k in zip(view, view_keys) if k in index]
         rows = [index[k] for _, k in usable]
         found = table.select(rows).with_format("numpy")[:]["embedding"] if rows else []
         embeds = [[np.zeros(shape, dtype=np.float32)] * n for n in dataset["num_turns"]]
@@ -510,11 +505,45 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
         vector_type = List(vector_type)
     features = {f"{modality}_embeds": List(vector_type), f"{modality}_present": List(Value("int8"))}
     if len(per_view) > 1:  # text views: (views, [layers,] dim) per turn, and which views exist
-        columns[f"{modality}_embeds"] = [[np.stack(turn) for turn in zip(*rows)] for rows in zip(*(e for e, _ in per_view))]
-        columns[f"{modality}_view_present"] = [[list(turn) for turn in zip(*rows)] for rows in zip(*(p for _, p in per_view))]
+        columns[f"{modality}_embeds"] = [[np.stack(turn) for turn in zip(*rows)]
+                                         for rows in zip(*(e for e, _ in per_view))]
+        columns[f"{modality}_view_present"] = [[list(turn) for turn in zip(*rows)]
+                                               for rows in zip(*(p for _, p in per_view))]
         features[f"{modality}_embeds"] = List(List(vector_type))
         features[f"{modality}_view_present"] = List(List(Value("int8")))
     return Dataset.from_dict(columns, features=Features(features))
+
+
+def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: "EmbeddingCache",
+                      batch_size: int = 16, stats: CacheStats | None = None, desc: str = "",
+                      weights: str | None = None, split: str | None = None, skip_invalid: bool = False,
+                      report=None) -> Dataset:
+    """`<modality>_embeds` (per turn; zeros where absent) and `<modality>_present` (per turn 1/0) columns aligned with
+    `dataset`'s rows, read from the cache and extracting only the utterances it lacks. Errors name the utterance by
+    its file or text, `split`, conversation id and turn. With `skip_invalid`, an utterance whose input is refused
+    at extraction (NaN samples, too short, unreadable, a non-finite embedding) keeps its other modalities and is
+    marked as lacking this one, counted in `report` (a `DataReport`) with the reason."""
+    stats = stats if stats is not None else CacheStats()
+    entry = cache.entry(extraction_settings(model, processor, modality, weights))
+    shape = tuple(model.config.embedding_shape(modality))
+    utterances = _Utterances(model, modality, dataset, split)
+    set_aside = len(cache.set_aside)
+    index, table = cache.read(entry, shape)
+    missing = utterances.missing(index)
+    if missing:
+        start = time.perf_counter()
+        written = _extract_missing(model, processor, modality, missing, cache, entry, shape, batch_size, desc,
+                                   split, skip_invalid, report)
+        stats.extraction_seconds += time.perf_counter() - start
+        stats.utterances_embedded += len(missing)
+        index, table = cache.read(entry, shape)
+        lost = [k for k in written if k not in index]
+        if lost:  # the shard just written failed its checks (already logged and moved aside)
+            raise CacheError(f"The embedding cache entry {entry} did not keep the {len(lost)} embeddings just "
+                             "written (see the warning above); check the disk.")
+    stats.shards_set_aside += len(cache.set_aside) - set_aside
+    stats.cached_utterances += len(utterances) - len(missing)
+    return _embedding_columns(modality, dataset, utterances, index, table, shape)
 
 
 def add_cached_embeddings(
