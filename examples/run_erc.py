@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
 import yaml
 from datasets import DatasetDict
@@ -46,7 +47,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.hf_argparser import string_to_bool
 
-from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor, hub
+from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor, distributed, hub
 from mister_e_hf.cache import add_cached_embeddings
 from mister_e_hf.checkpoints import check_resume_settings, checkpoint_problem, find_resumable_checkpoint
 from mister_e_hf.data import DataCollatorForConversations, load_corpus, loader_arguments, loader_options
@@ -627,7 +628,8 @@ def prepare_data(data_args, training_args, given, asked, stages, saved, head, ou
     data allow (the head's headline metric for model selection; no evaluation without a validation split)."""
     saved_labels = [saved.id2label[i] for i in range(saved.num_labels)] if saved is not None else None
     datasets, report = load_data(data_args, saved_labels if HEADS[head].target == "classes" else None)
-    report.save(output_dir / "data_report.json")
+    if training_args.should_save:
+        report.save(output_dir / "data_report.json")
     logger.info("Data: " + ", ".join(f"{k} {len(v)} conversations" for k, v in datasets.items()) + "; " + report.summary())
     datasets = check_splits(datasets, stages, explicit=bool(asked))
     stages = (stages[0], stages[1] and "validation" in datasets, stages[2] and "test" in datasets)
@@ -662,13 +664,17 @@ def extract(model, processor, datasets, model_args, data_args, report, output_di
                                             model_args.extraction_batch_size, skip_invalid=data_args.skip_invalid,
                                             report=report)
     if data_args.skip_invalid:  # inputs refused at extraction were left out: counted, and checked again
-        report.save(output_dir / "data_report.json")
+        if training_args.should_save:
+            report.save(output_dir / "data_report.json")
         logger.info(f"After extraction: {report.summary()}")
         check_all_labels(datasets, label_names, model.config.head, label_columns)
+    per_rank = distributed.all_gather_objects(stats.utterances_embedded)  # each process embeds its share
     timings = {"embedding_seconds": round(time.perf_counter() - start, 2),
                "extraction_seconds": round(stats.extraction_seconds, 2),
-               "cached_utterances": stats.cached_utterances, "utterances_embedded": stats.utterances_embedded,
+               "cached_utterances": stats.cached_utterances, "utterances_embedded": sum(per_rank),
                "cache_shards_set_aside": stats.shards_set_aside}
+    if len(per_rank) > 1:
+        timings["utterances_embedded_per_rank"] = per_rank
     logger.info(f"Embedding cache: {timings}")
     return datasets, timings
 
@@ -677,7 +683,11 @@ def train(trainer, resume: str | None, timings: dict) -> None:
     """Trains (resuming from `resume`), then saves the model, processor, training metrics and state."""
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
-    train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2)}
+    train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2),
+                     "num_processes": trainer.args.world_size}
+    digests = getattr(trainer, "embedding_statistics_digests", None)
+    if digests and len(digests) > 1:  # checked equal by the trainer
+        train_metrics["embedding_statistics_digest_per_rank"] = digests
     if resume:  # train_loss is the whole run's; the times and speeds are this process's
         train_metrics["resumed_from_checkpoint"] = Path(resume).name
     trainer.save_model()  # model + processor, with code and auto_map
@@ -711,11 +721,34 @@ def publish(model, data_args, training_args, results, report, label_names, outpu
         logger.info(f"Pushed to {commit.commit_url}")
 
 
+def launched_processes() -> int:
+    """How many processes `torchrun` / `accelerate launch` started (1 for a plain `python run_erc.py`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_processes(training_args) -> None:
+    """Refuses a multi-process launch that `Trainer` would not train as one distributed run (each process would
+    train its own copy on all the data and write the same files)."""
+    from transformers.training_args import ParallelMode
+
+    if launched_processes() > 1 and (training_args.parallel_mode != ParallelMode.DISTRIBUTED
+                                     or training_args.world_size != launched_processes()):
+        raise MisterEError(f"{launched_processes()} processes were launched, but the training arguments set up "
+                           f"{training_args.parallel_mode.value} training in {training_args.world_size}; on CPUs give "
+                           "--use_cpu true (and --ddp_backend gloo).")
+
+
 def main(argv: list[str] | None = None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()
+    if launched_processes() > 1 and not torch.cuda.is_available():  # several CPU processes: DDP over gloo
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # what `accelerate launch --cpu` sets
     model_args, data_args, training_args, given, asked = parse_arguments(argv)
+    check_processes(training_args)
+    if not training_args.should_log:  # in several processes, the others say only what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
+        transformers.utils.logging.set_verbosity_error()
     import_plugins(model_args.plugins)
     HEADS[model_args.head], LOADERS[data_args.dataset]  # noqa: B018 - unknown names: errors listing the registered
     saved = saved_model_config(model_args)
@@ -726,7 +759,8 @@ def main(argv: list[str] | None = None):
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # one upload at the end, not per save
-    resume = find_resume(training_args, output_dir) if stages[0] else None
+    with training_args.main_process_first(desc="finding the checkpoint to resume from"):
+        resume = find_resume(training_args, output_dir) if stages[0] else None  # the main one moves aside
 
     datasets, report, label_names, label_columns, stages = prepare_data(data_args, training_args, given, asked,
                                                                         stages, saved, head, output_dir)
@@ -751,7 +785,7 @@ def main(argv: list[str] | None = None):
     if stages[0]:
         train(trainer, resume, timings)
     results = evaluate(trainer, datasets, stages, output_dir)
-    if stages[0]:  # without training the model is the saved one, with its own card: only results are written
+    if stages[0] and training_args.should_save:  # without training the model is the saved one, with its own card
         publish(model, data_args, training_args, results, report, label_names, output_dir, push)
 
 

@@ -32,6 +32,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_da
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from . import distributed
 from .atomic import atomic_write_json
 from .backbones import INPUT_NAMES
 from .errors import CacheError, ConversationInputError, MisterEError
@@ -63,7 +64,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     hasher = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(module.state_dict().items()):
         hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return hasher.hexdigest()
 
 
@@ -461,28 +462,22 @@ class _Utterances:
 
 
 def _extract_missing(model, processor, modality: str, missing, cache: "EmbeddingCache", entry: Path,
-                     shape: tuple[int, ...], batch_size: int, desc: str, split: str | None, skip_invalid: bool,
-                     report) -> list[str]:
-    """Embeds the `missing` utterances (`_Utterances.missing`) and appends them to the cache entry as one shard;
-    under `skip_invalid` the refused ones are counted in `report` and left out. Returns the keys written."""
+                     shape: tuple[int, ...], batch_size: int, desc: str, skip_invalid: bool
+                     ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Embeds the `missing` utterances (`_Utterances.missing`) and appends them to the cache entry as one shard.
+    Returns the keys written and, under `skip_invalid`, the `(key, reason)` of the utterances refused (left out)."""
     locations = [places[0] + (f", and {len(places) - 1} more utterances with the same content" if len(places) > 1
                               else "") for _, (_, places) in missing]
     refused: dict[int, str] | None = {} if skip_invalid else None
     vectors = extract_embeddings(model, processor, modality, [value for _, (value, _) in missing], batch_size,
                                  desc, locations=locations, refused=refused)
-    for position, reason in (refused or {}).items():
-        for place in missing[position][1][1]:
-            if report is not None:
-                report.skip(split or "data", f"{modality} refused at extraction (the utterance is kept without it)",
-                            f"{place}: {reason}")
-        logger.warning(f"skip_invalid: {reason}; kept without its {modality}.")
     kept = [(k, vector) for (k, _), vector in zip(missing, vectors) if vector is not None]
     if kept and np.shape(kept[0][1]) != shape:
         raise CacheError(f"The {modality} backbone gave embeddings of shape {np.shape(kept[0][1])}, the model "
                          f"expects {shape} (`config.embedding_shape`); nothing was written.")
     if kept:
         cache.append(entry, [k for k, _ in kept], [vector for _, vector in kept])
-    return [k for k, _ in kept]
+    return [k for k, _ in kept], [(missing[position][0], reason) for position, reason in (refused or {}).items()]
 
 
 def _embedding_columns(modality: str, dataset: Dataset, utterances: _Utterances, index: dict, table,
@@ -514,6 +509,19 @@ def _embedding_columns(modality: str, dataset: Dataset, utterances: _Utterances,
     return Dataset.from_dict(columns, features=Features(features))
 
 
+def _read_together(cache: "EmbeddingCache", entry: Path, shape) -> tuple[dict[str, int], Dataset | None]:
+    """`cache.read`, in several processes by the main one first (it moves untrusted shards aside), then by the
+    others, and none goes on before all have read: every process sees the same shards, so they agree on what is
+    missing and share its extraction."""
+    if distributed.rank() != 0:
+        distributed.barrier()
+    result = cache.read(entry, shape)
+    if distributed.rank() == 0:
+        distributed.barrier()
+    distributed.barrier()
+    return result
+
+
 def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: "EmbeddingCache",
                       batch_size: int = 16, stats: CacheStats | None = None, desc: str = "",
                       weights: str | None = None, split: str | None = None, skip_invalid: bool = False,
@@ -528,14 +536,24 @@ def cached_embeddings(model, processor, modality: str, dataset: Dataset, cache: 
     shape = tuple(model.config.embedding_shape(modality))
     utterances = _Utterances(model, modality, dataset, split)
     set_aside = len(cache.set_aside)
-    index, table = cache.read(entry, shape)
+    index, table = _read_together(cache, entry, shape)
     missing = utterances.missing(index)
     if missing:
+        # in several processes, each embeds its share (every world_size-th utterance) into its own shard
+        mine = missing[distributed.rank()::distributed.world_size()]
         start = time.perf_counter()
-        written = _extract_missing(model, processor, modality, missing, cache, entry, shape, batch_size, desc,
-                                   split, skip_invalid, report)
+        written, refused = _extract_missing(model, processor, modality, mine, cache, entry, shape, batch_size, desc,
+                                            skip_invalid) if mine else ([], [])
         stats.extraction_seconds += time.perf_counter() - start
-        stats.utterances_embedded += len(missing)
+        stats.utterances_embedded += len(mine)
+        places = dict(missing)
+        for key, reason in (pair for rank_refused in distributed.all_gather_objects(refused) for pair in rank_refused):
+            for place in places[key][1]:
+                if report is not None:
+                    report.skip(split or "data", f"{modality} refused at extraction (the utterance is kept without "
+                                                 "it)", f"{place}: {reason}")
+            logger.warning(f"skip_invalid: {reason}; kept without its {modality}.")
+        distributed.barrier()  # every process's shard is written
         index, table = cache.read(entry, shape)
         lost = [k for k in written if k not in index]
         if lost:  # the shard just written failed its checks (already logged and moved aside)

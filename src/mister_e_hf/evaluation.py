@@ -57,7 +57,7 @@ def evaluation_trainer(model, processor, batch_size: int = 8, output_dir: str | 
 def evaluate_split(trainer, dataset, prefix: str, output_dir=None, confusion_matrix: bool = False) -> dict:
     """Metrics of one split under `<prefix>_` names: `trainer.predict` (the head's metrics and the mean gate weight
     per expert) plus what the head's detailed metrics add (per-class F1, CMU-MOSI's score metrics, ...). With
-    `output_dir`, and when the head gives a confusion matrix, also `confusion_matrix_<prefix>.png/.json` and
+    `output_dir`, also `predictions_<prefix>.jsonl` (`write_predictions`) and, when the head gives a confusion matrix, also `confusion_matrix_<prefix>.png/.json` and
     `gate_weights_<prefix>.png` (mean gate weight by true class). Metrics that are undefined on the split (e.g.
     MOSI's non-0 scores when every true score is 0) are `None`, never NaN. `confusion_matrix=True` also returns the
     matrix (rows: true classes) as `<prefix>_confusion_matrix`."""
@@ -79,7 +79,10 @@ def evaluate_split(trainer, dataset, prefix: str, output_dir=None, confusion_mat
     metrics.update({f"{prefix}_{k}": v for k, v in detailed.items()})
     if confusion_matrix and matrix is not None:
         metrics[f"{prefix}_confusion_matrix"] = matrix
-    if output_dir is not None and matrix is not None:
+    if output_dir is None or not trainer.is_world_process_zero():  # in several processes, the main one writes
+        return metrics
+    write_predictions(Path(output_dir) / f"predictions_{prefix}.jsonl", model, dataset, prediction)
+    if matrix is not None:
         output_dir = Path(output_dir)
         headline = detailed.get(head.headline_metric)
         shown = "" if headline is None else f": {head.headline_metric.replace('_', ' ')} " + (
@@ -92,4 +95,36 @@ def evaluate_split(trainer, dataset, prefix: str, output_dir=None, confusion_mat
     return metrics
 
 
-__all__ = ["build_trainer", "evaluate_split", "evaluation_trainer", "label_names"]
+def write_predictions(path, model, dataset, prediction) -> int:
+    """One JSON line per utterance of `dataset` (in its order): `conversation_id`, `turn`, what the head decodes
+    (`label`, `score`, `scores`, `gate_weights`; or `values`) and the `true` label (or values; null when
+    unlabelled), from `Trainer.predict`'s output on that dataset. Returns the number of lines."""
+    import torch
+
+    from .atomic import atomic_write_text, strict_json
+
+    (logits, gates), labels = prediction.predictions, prediction.label_ids
+    if len(logits) != len(dataset):
+        raise MisterEError(f"{len(logits)} predicted conversations for {len(dataset)} in the split: predictions were "
+                           "duplicated or dropped (a distributed gather gone wrong?); nothing was written.")
+    names, lines = label_names(model), []
+    columns = dataset.column_names
+    ids = dataset["conversation_id"] if "conversation_id" in columns else list(range(len(dataset)))
+    turns = dataset["turns"] if "turns" in columns else None
+    for i, n in enumerate(dataset["num_turns"]):
+        decoded = model.head.decode(torch.from_numpy(logits[i, :n]), torch.from_numpy(gates[i, :n]),
+                                    model.config.id2label, model.expert_names)
+        for t, item in enumerate(decoded):
+            true = labels[i, t] if labels is not None else None
+            if model.head.target == "values":
+                true = None if true is None or np.isnan(np.where(true == -100, np.nan, true)).all() else {
+                    name: (None if np.isnan(v) else float(v)) for name, v in zip(names, true)}
+            else:
+                true = None if true is None or int(true) == -100 else names[int(true)]
+            lines.append(strict_json({"conversation_id": ids[i], "turn": turns[i][t] if turns else t, **item,
+                                      "true": true}))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+__all__ = ["build_trainer", "evaluate_split", "evaluation_trainer", "label_names", "write_predictions"]

@@ -26,6 +26,7 @@ from .atomic import atomic_directory_update
 from .backbones import ENCODERS, INPUT_NAMES, build_backbone, load_backbone, load_backbone_config
 from .backbones import resolve_text_pooling
 from .configuration_mister_e import MisterEConfig
+from .distributed import gather_for_loss
 from .context_layers import ConversationContext, NoContext  # noqa: F401  (built-ins register themselves)
 from .errors import ConversationInputError, MisterEError
 from .fusions import FUSIONS
@@ -563,6 +564,7 @@ class MisterEModel(MisterEPreTrainedModel):
         text_view_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         conversation_state: ConversationState | dict | None = None,
+        gather_loss: bool = False,
         return_dict: bool | None = None,
     ) -> MisterEOutput | tuple:
         r"""
@@ -590,6 +592,10 @@ class MisterEModel(MisterEPreTrainedModel):
                 `outputs.conversation_state`) carries what the context
                 layers and the cross-modal expert keep of the earlier utterances, so none is recomputed. The outputs
                 equal those of a forward over the whole conversation so far, at its last utterance.
+            gather_loss (`bool`): in a multi-process run, compute the loss over every process's batch (the global
+                batch; `distributed.gather_for_loss`), so that training does not depend on the number of processes.
+                `MisterETrainer` sets it when it trains in several processes; every process must then call forward
+                together. Ignored in a single process.
             return_dict (`bool`, *optional*): False returns `MisterEOutput.to_tuple()` (its set fields, in order).
 
         Returns:
@@ -627,7 +633,10 @@ class MisterEModel(MisterEPreTrainedModel):
 
         loss, losses = None, None
         if labels is not None:
-            losses = {**self.head.losses(logits, fused, labels, utterance_mask), **fused.aux_losses}
+            loss_inputs = (logits, fused, labels, utterance_mask)
+            if gather_loss:
+                loss_inputs = gather_for_loss(*loss_inputs)
+            losses = {**self.head.losses(*loss_inputs), **fused.aux_losses}
             undeclared = sorted(set(losses) - set(self.loss_weights))
             if undeclared:
                 raise MisterEError(f"The {self.config.head} head or the {self.config.fusion} fusion returned the loss "

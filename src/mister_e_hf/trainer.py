@@ -30,7 +30,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, has_l
 from transformers.utils import logging
 
 from .atomic import atomic_write_json, atomic_write_text, strict_json
-from .cache import fit_embedding_statistics
+from . import distributed
+from .cache import fit_embedding_statistics, weights_digest
 from .checkpoints import check_resume_settings, checkpoint_problem, find_resumable_checkpoint
 from .data.common import UNLABELLED
 from .errors import TrainingError
@@ -406,6 +407,12 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
         if not getattr(self.model, "embedding_statistics_fitted", True) and self.train_dataset is not None:
             counts = fit_embedding_statistics(self.model, self.train_dataset)
             logger.info(f"Embedding standardisation fitted on the training set: {counts}")
+            self.embedding_statistics_digests = distributed.all_gather_objects(
+                weights_digest(self.model.standardizers))
+            if len(set(self.embedding_statistics_digests)) > 1:  # each process fits on the whole training split
+                raise TrainingError("The embedding standardisation differs between processes (digests "
+                                    f"{self.embedding_statistics_digests}): their training splits differ. Every "
+                                    "process must load the same data (same corpus, arguments and cache).")
         try:
             return super().train(resume_from_checkpoint or None, *args, **kwargs)
         finally:
@@ -441,10 +448,13 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
                 check(dataset, name, False)
 
     def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batching (`group_by_length`) seeded by epoch, grouped by the *global* batch (per-device
+        batch x processes): accelerate hands consecutive per-device batches of the one order to the processes, so
+        1 process with batch 8 and 2 with batch 4 train on the same conversations at every step."""
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return EpochSeededLengthGroupedSampler(sampler.batch_size * self.args.world_size, sampler.lengths, seed)
         return sampler
 
     def _get_eval_sampler(self, eval_dataset):
@@ -452,13 +462,17 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
         `predict` returns against the dataset's rows)."""
         if eval_dataset is None or not has_length(eval_dataset):
             return None
-        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+        return SequentialSampler(eval_dataset)  # in several processes, accelerate shards it (gathered in order)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's own total loss. The model averages over labelled utterances itself, so `num_items_in_batch`
         is not used (the Trainer divides by the gradient-accumulation steps, as for any model without loss kwargs).
-        In training, a non-finite loss raises a `TrainingError` naming the step, the epoch and the loss terms."""
-        outputs: MisterEOutput = model(**inputs)
+        In training, a non-finite loss raises a `TrainingError` naming the step, the epoch and the loss terms.
+
+        In several processes, training computes the loss of the global batch (`gather_loss`: every process's
+        conversations), so that the result does not depend on how the batch is split between processes."""
+        gather = model.training and self.args.world_size > 1
+        outputs: MisterEOutput = model(**inputs, **({"gather_loss": True} if gather else {}))
         if outputs.loss is None:
             raise ValueError("The batch has no `labels`: MisterETrainer needs them to compute the loss.")
         bucket = self._components["train" if model.training else "eval"]
