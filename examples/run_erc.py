@@ -684,7 +684,8 @@ def train(trainer, resume: str | None, timings: dict) -> None:
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
     train_metrics = {**train_result.metrics, **timings, "train_wall_seconds": round(time.perf_counter() - start, 2),
-                     "num_processes": trainer.args.world_size}
+                     "num_processes": trainer.args.world_size,
+                     "train_utterances": sum(trainer.train_dataset["num_turns"])}
     digests = getattr(trainer, "embedding_statistics_digests", None)
     if digests and len(digests) > 1:  # checked equal by the trainer
         train_metrics["embedding_statistics_digest_per_rank"] = digests
@@ -775,7 +776,9 @@ def main(argv: list[str] | None = None):
             finetune_backbone(model, processor, modality, datasets, method=model_args.backbone_finetuning,
                               epochs=model_args.finetuning_epochs, learning_rate=model_args.finetuning_learning_rate,
                               lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                              output_dir=output_dir / f"finetuning-{modality}", seed=training_args.seed)
+                              output_dir=output_dir / f"finetuning-{modality}", seed=training_args.seed,
+                              gradient_checkpointing=training_args.gradient_checkpointing,
+                              bf16=training_args.bf16, fp16=training_args.fp16, use_cpu=training_args.use_cpu)
     datasets, timings = extract(model, processor, datasets, model_args, data_args, report, output_dir, label_names,
                                 label_columns)
     callbacks = [EarlyStoppingCallback(training_args.early_stopping_patience)] \

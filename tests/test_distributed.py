@@ -4,6 +4,7 @@ only the main process writing the run folder, and a 2-process checkpoint resumed
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -46,6 +47,12 @@ TRACER = textwrap.dedent("""
 """)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_backbones):
     """Run folders of the same training in 1 process (batch 8) and 2 processes (batch 4 each), and of the 2-process
@@ -55,15 +62,16 @@ def runs(tmp_path_factory, tiny_backbones):
     (folder / "site").mkdir()
     (folder / "site" / "sitecustomize.py").write_text(TRACER)
 
-    def run(processes: int, name: str, *extra):
+    def run(processes: int, name: str, *extra, launcher=None):
         args = common_args(tiny_backbones, corpus, folder / name, folder / f"{name}-cache")
         args[args.index("--per_device_train_batch_size") + 1] = str(8 // processes)
         overrides = args.index("--config_overrides") + 1
         args[overrides] += ",dropout=0.0,standardize_embeddings=true"  # dropout masks differ between processes
         args += ["--num_train_epochs", "3", "--learning_rate", "3e-3", "--do_train", "--do_eval", "--do_predict",
                  "--per_device_eval_batch_size", "2", "--save_strategy", "epoch", *extra]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
-            if processes > 1 else [sys.executable]
+        if launcher is None:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(folder / "site"),
                "TRACE_DIR": str(folder / name), "TRACE_LOG": str(folder / f"{name}.writes")}
         result = subprocess.run([*launcher, str(REPO_ROOT / "examples" / "run_erc.py"), *map(str, args)],
@@ -73,7 +81,13 @@ def runs(tmp_path_factory, tiny_backbones):
 
     one, two = run(1, "one"), run(2, "two")
     resumed = run(2, "resumed", "--resume_from_checkpoint", two / "checkpoint-2")
-    return {"one": one, "two": two, "resumed": resumed, "corpus": corpus, "folder": folder}
+    accelerate = run(2, "accelerate", launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                                 str(REPO_ROOT / "examples" / "accelerate" / "multi_gpu.yaml"),
+                                                 "--num_processes", "2", "--main_process_port", str(free_port())])
+    mixed = run(2, "mixed", "--bf16", "--use_cpu", "true", "--backbone_finetuning", "lora", "--finetuning_epochs", "1",
+                "--gradient_checkpointing")
+    return {"one": one, "two": two, "resumed": resumed, "accelerate": accelerate, "mixed": mixed,
+            "corpus": corpus, "folder": folder}
 
 
 def results(folder):
@@ -135,3 +149,19 @@ def test_a_two_process_checkpoint_resumes_in_two_processes(runs):
     assert resumed["train_loss"] == pytest.approx(two["train_loss"], rel=1e-5)
     for key in ("eval_weighted_f1", "test_weighted_f1", "test_accuracy", "test_gate_text"):
         assert resumed[key] == pytest.approx(two[key], abs=1e-5), key
+
+
+def test_accelerate_launch_trains_like_torchrun(runs):
+    two, accelerate = results(runs["two"]), results(runs["accelerate"])
+    assert accelerate["num_processes"] == 2 and len(accelerate["utterances_embedded_per_rank"]) == 2
+    assert accelerate["train_loss"] == pytest.approx(two["train_loss"], rel=1e-5)
+    assert accelerate["test_weighted_f1"] == pytest.approx(two["test_weighted_f1"], abs=1e-5)
+
+
+def test_bf16_lora_finetuning_with_gradient_checkpointing_in_two_processes(runs):
+    mixed = results(runs["mixed"])
+    assert mixed["num_processes"] == 2 and mixed["train_loss"] > 0  # finite: strict JSON has no NaN
+    lines = (runs["mixed"] / "predictions_test.jsonl").read_text().splitlines()
+    assert len(lines) == len((runs["corpus"] / "test.jsonl").read_text().splitlines())
+    for modality in ("speech", "text"):
+        assert (runs["mixed"] / f"finetuning-{modality}").is_dir()

@@ -92,12 +92,17 @@ def _utterances(dataset: Dataset, modality: str) -> list[dict]:
 
 def finetune_backbone(model, processor, modality: str, datasets, method: str = "lora", epochs: float = 2.0,
                       learning_rate: float = 2e-5, lora_r: int = 8, lora_alpha: int = 16, batch_size: int = 8,
-                      output_dir: str = "finetuning", seed: int = 0) -> dict:
+                      output_dir: str = "finetuning", seed: int = 0, gradient_checkpointing: bool = False,
+                      **training_arguments) -> dict:
     """Fine-tunes `model`'s `modality` backbone in place on the utterances of `datasets["train"]`; returns the
     training metrics. `method` is `"full"` (every backbone weight) or `"lora"` (low-rank adapters, merged after).
 
     Settings that cannot work are refused first (`check_finetuning_settings`); training stops with a `TrainingError`
-    at the first non-finite loss or gradient, and a backbone left with non-finite weights is refused."""
+    at the first non-finite loss or gradient, and a backbone left with non-finite weights is refused.
+
+    `gradient_checkpointing` recomputes the backbone's activations in the backward pass (less memory, more time);
+    `training_arguments` go to the fine-tuning `TrainingArguments` (e.g. `bf16=True`). In several processes
+    (`torchrun`), the fine-tuning is distributed like any `Trainer` run."""
     check_finetuning_settings(method, epochs, learning_rate, lora_r, lora_alpha, getattr(model.config, "head",
                                                                                         "classification"))
     backbone = getattr(model, f"{modality}_backbone", None)
@@ -119,6 +124,11 @@ def finetune_backbone(model, processor, modality: str, datasets, method: str = "
     else:
         backbone.requires_grad_(True)
 
+    if gradient_checkpointing:
+        if not getattr(backbone, "supports_gradient_checkpointing", False):
+            raise MisterEError(f"The {modality} backbone ({type(backbone).__name__}) does not support gradient "
+                               "checkpointing.")
+        backbone.activation_checkpointing_enable({"use_reentrant": False})
     classifier = UtteranceClassifier(model, modality, model.config.num_labels)
     for name, parameter in model.named_parameters():  # only the backbone (or its adapters) and the classifier learn
         if not name.startswith(f"{modality}_backbone."):
@@ -139,7 +149,7 @@ def finetune_backbone(model, processor, modality: str, datasets, method: str = "
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, save_strategy="no", logging_strategy="epoch", report_to="none",
-        remove_unused_columns=False, seed=seed, warmup_steps=0.1,
+        remove_unused_columns=False, seed=seed, warmup_steps=0.1, **training_arguments,
     )
     trainer = _FinetuningTrainer(model=classifier, args=args, train_dataset=Dataset.from_list(train),
                                  data_collator=collate)
@@ -154,6 +164,8 @@ def finetune_backbone(model, processor, modality: str, datasets, method: str = "
         raise TrainingError(f"{modality} backbone fine-tuning ({method}) left {len(bad)} weights holding NaN or "
                             f"infinite values ({bad[:5]}{' ...' if len(bad) > 5 else ''}); lower the fine-tuning "
                             "learning rate.")
+    if gradient_checkpointing:
+        getattr(model, f"{modality}_backbone").activation_checkpointing_disable()
     setattr(model.config, freeze_flag, frozen)
     for name, parameter in model.named_parameters():  # back to the model's own freezing
         backbone_of = next((m for m in model.config.modalities if name.startswith(f"{m}_backbone.")), None)

@@ -178,8 +178,33 @@ class MisterEPreTrainedModel(PreTrainedModel):
     config_class = MisterEConfig
     base_model_prefix = "mister_e"
     main_input_name = "utterance_mask"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # for the backbones (`gradient_checkpointing_enable`)
     _no_split_modules = []
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        """Activation (gradient) checkpointing in every trainable backbone (MiSTER-E's own layers are small): their
+        activations are recomputed in the backward pass, for memory. A backbone that does not support it is refused
+        by name."""
+        for backbone in self._trainable_backbones():
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                                     offload=offload)
+
+    def activation_checkpointing_disable(self):
+        for backbone in self._trainable_backbones():
+            backbone.activation_checkpointing_disable()
+
+    def _trainable_backbones(self) -> list:
+        backbones = []
+        for modality in self.config.modalities:
+            backbone = getattr(self, f"{modality}_backbone", None)
+            if backbone is None or getattr(self.config, f"freeze_{modality}_backbone"):
+                continue
+            if not getattr(backbone, "supports_gradient_checkpointing", False):
+                raise MisterEError(f"The {modality} backbone ({type(backbone).__name__}) does not support activation "
+                                   "(gradient) checkpointing.")
+            backbones.append(backbone)
+        return backbones
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -633,7 +658,7 @@ class MisterEModel(MisterEPreTrainedModel):
 
         loss, losses = None, None
         if labels is not None:
-            loss_inputs = (logits, fused, labels, utterance_mask)
+            loss_inputs = (logits.float(), fused.float32(), labels, utterance_mask)  # float32 under mixed precision
             if gather_loss:
                 loss_inputs = gather_for_loss(*loss_inputs)
             losses = {**self.head.losses(*loss_inputs), **fused.aux_losses}

@@ -1,5 +1,6 @@
 """Typed outputs passed between the parts of a MiSTER-E model and returned to users."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,17 @@ class FusionOutput:
     paired_mask: torch.Tensor | None = None
     distillation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def float32(self) -> "FusionOutput":
+        """The same output with every floating tensor in float32 (the losses are computed in it under bf16/fp16
+        mixed precision); `aux_losses` as they are."""
+        def cast(value):
+            if isinstance(value, torch.Tensor):
+                return value.float() if value.is_floating_point() else value
+            return tuple(cast(v) for v in value) if isinstance(value, tuple) else value
+
+        return dataclasses.replace(self, **{f.name: cast(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name != "aux_losses"})
 
 
 @dataclass
