@@ -30,7 +30,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -655,8 +654,10 @@ def check_all_labels(datasets, label_names, head, label_columns) -> None:
         check_labels(datasets[split], split, label_names, head, label_columns=label_columns, training=split == "train")
 
 
-def extract(model, processor, datasets, model_args, data_args, report, output_dir, label_names, label_columns):
-    """(datasets with cached embedding columns, timings) when every backbone is frozen, else as given."""
+def extract(model, processor, datasets, model_args, data_args, report, output_dir, label_names, label_columns,
+            save: bool = True):
+    """(datasets with cached embedding columns, timings) when every backbone is frozen, else as given; `save`:
+    this process writes the run folder (the data report updated under --skip_invalid)."""
     if not all(getattr(model.config, f"freeze_{m}_backbone") for m in model.config.modalities):
         return datasets, {}
     start = time.perf_counter()
@@ -664,7 +665,7 @@ def extract(model, processor, datasets, model_args, data_args, report, output_di
                                             model_args.extraction_batch_size, skip_invalid=data_args.skip_invalid,
                                             report=report)
     if data_args.skip_invalid:  # inputs refused at extraction were left out: counted, and checked again
-        if training_args.should_save:
+        if save:
             report.save(output_dir / "data_report.json")
         logger.info(f"After extraction: {report.summary()}")
         check_all_labels(datasets, label_names, model.config.head, label_columns)
@@ -780,7 +781,7 @@ def main(argv: list[str] | None = None):
                               gradient_checkpointing=training_args.gradient_checkpointing,
                               bf16=training_args.bf16, fp16=training_args.fp16, use_cpu=training_args.use_cpu)
     datasets, timings = extract(model, processor, datasets, model_args, data_args, report, output_dir, label_names,
-                                label_columns)
+                                label_columns, save=training_args.should_save)
     callbacks = [EarlyStoppingCallback(training_args.early_stopping_patience)] \
         if stages[0] and training_args.early_stopping_patience else []
     trainer = build_trainer(model, training_args, datasets.get("train"),

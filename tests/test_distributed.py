@@ -165,3 +165,14 @@ def test_bf16_lora_finetuning_with_gradient_checkpointing_in_two_processes(runs)
     assert len(lines) == len((runs["corpus"] / "test.jsonl").read_text().splitlines())
     for modality in ("speech", "text"):
         assert (runs["mixed"] / f"finetuning-{modality}").is_dir()
+
+
+def test_a_two_process_checkpoint_is_not_resumed_in_one_process(runs, tiny_backbones, tmp_path):
+    """Another number of processes trains on other global batches: the resumed run would silently differ."""
+    args = common_args(tiny_backbones, runs["corpus"], tmp_path / "run", tmp_path / "cache")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "run_erc.py"), *map(str, args),
+                             "--resume_from_checkpoint", str(runs["two"] / "checkpoint-2")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "number of processes 2 → 1" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

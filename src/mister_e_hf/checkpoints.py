@@ -147,6 +147,10 @@ IGNORED_CONFIG_KEYS = frozenset({
 
 TRAINING_ARGS_FILE = "training_args.json"
 
+LOSS_TOTALS_NAME = "loss_totals.json"
+"""In each checkpoint (written by `MisterETrainer`): the sums of the training losses so far, so that a resumed run
+logs and reports the whole run, and the number of processes that trained it."""
+
 
 def _flatten(settings: dict, prefix: str = "") -> dict:
     flat = {}
@@ -207,6 +211,12 @@ def resume_settings_differences(checkpoint: str | os.PathLike, config=None, args
             current = _normalised(json.loads(args.to_json_string()))
             keys = [k for k in RESULT_ARGUMENTS if k in saved and k in current]
             differences += _differences(saved, current, keys)
+        try:  # the global batch is per-device batch x processes: another count trains on other batches
+            processes = json.loads((checkpoint / LOSS_TOTALS_NAME).read_text()).get("num_processes")
+        except (OSError, ValueError, AttributeError):
+            processes = None
+        if processes is not None and processes != args.world_size:
+            differences.append(f"number of processes {processes} → {args.world_size} (resume in {processes})")
     return differences
 
 
@@ -226,4 +236,4 @@ def check_resume_settings(checkpoint: str | os.PathLike, config=None, args=None)
 
 
 __all__ = ["checkpoint_problem", "find_resumable_checkpoint", "move_aside", "check_resume_settings",
-           "resume_settings_differences", "INCOMPLETE_PREFIX", "RESULT_ARGUMENTS"]
+           "resume_settings_differences", "INCOMPLETE_PREFIX", "LOSS_TOTALS_NAME", "RESULT_ARGUMENTS"]

@@ -33,7 +33,7 @@ from .fusions import FUSIONS
 from .heads import HEADS, RegressionHead
 from .layer_combiners import LAYER_COMBINERS, LayerWeighting
 from .modalities import MODALITIES, MODALITY_TABLE
-from .outputs import ConversationState, MisterEOutput, ModalityFeatures
+from .outputs import ConversationState, MisterEOutput, ModalityFeatures, to_float32
 from .processing_mister_e import check_backbone_path, receptive_field, text_positions
 from .registry import CONTEXT_LAYERS
 
@@ -658,7 +658,7 @@ class MisterEModel(MisterEPreTrainedModel):
 
         loss, losses = None, None
         if labels is not None:
-            loss_inputs = (logits.float(), fused.float32(), labels, utterance_mask)  # float32 under mixed precision
+            loss_inputs = (to_float32(logits), fused.float32(), labels, utterance_mask)  # float32 under mixed precision
             if gather_loss:
                 loss_inputs = gather_for_loss(*loss_inputs)
             losses = {**self.head.losses(*loss_inputs), **fused.aux_losses}

@@ -22,6 +22,11 @@ class ModalityFeatures:
     mask: torch.Tensor
 
 
+def to_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32 if it is half precision (bf16 / fp16), else as it is."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 @dataclass
 class FusionOutput:
     """What a fusion gives the head.
@@ -48,11 +53,11 @@ class FusionOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def float32(self) -> "FusionOutput":
-        """The same output with every floating tensor in float32 (the losses are computed in it under bf16/fp16
-        mixed precision); `aux_losses` as they are."""
+        """The same output with every half-precision (bf16 / fp16) tensor in float32: the losses are computed in it
+        under mixed precision (float64 stays float64); `aux_losses` as they are."""
         def cast(value):
             if isinstance(value, torch.Tensor):
-                return value.float() if value.is_floating_point() else value
+                return to_float32(value)
             return tuple(cast(v) for v in value) if isinstance(value, tuple) else value
 
         return dataclasses.replace(self, **{f.name: cast(getattr(self, f.name)) for f in dataclasses.fields(self)

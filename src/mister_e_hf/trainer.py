@@ -32,7 +32,7 @@ from transformers.utils import logging
 from .atomic import atomic_write_json, atomic_write_text, strict_json
 from . import distributed
 from .cache import fit_embedding_statistics, weights_digest
-from .checkpoints import check_resume_settings, checkpoint_problem, find_resumable_checkpoint
+from .checkpoints import LOSS_TOTALS_NAME, check_resume_settings, checkpoint_problem, find_resumable_checkpoint
 from .data.common import UNLABELLED
 from .errors import TrainingError
 from .outputs import MisterEOutput
@@ -44,8 +44,6 @@ logger = logging.get_logger(__name__)
 LOSS_COMPONENTS = ("mixture_loss", "expert_loss", "supcon_loss", "kl_loss", "distillation_loss")
 """The built-in heads' loss terms (a model's own are `model.loss_weights`, with plug-ins' terms)."""
 
-LOSS_TOTALS_NAME = "loss_totals.json"
-"""In each checkpoint: the sums of the training losses so far, so that a resumed run logs and reports the whole run."""
 
 # ------------------------------------------------------------------------------------------------------- sampling
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -493,7 +491,8 @@ class MisterETrainer(FiniteTrainingMixin, Trainer):
     def _loss_totals(self) -> dict:
         """What `Trainer` and this trainer keep about the losses between logs: the sum of the logged losses, the sum
         and the loss terms of the steps not logged yet, and the step of the last log."""
-        return {"global_step": self.state.global_step, "logged_loss_sum": self._total_loss_scalar,
+        return {"global_step": self.state.global_step, "num_processes": self.args.world_size,
+                "logged_loss_sum": self._total_loss_scalar,
                 "unlogged_loss_sum": self._tr_loss.item(), "last_logged_step": self._globalstep_last_logged,
                 "unlogged_loss_terms": {name: [v.item() for v in values]
                                         for name, values in self._components["train"].items() if values}}
