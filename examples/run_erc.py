@@ -105,6 +105,11 @@ class ModelArguments:
         default=None, metadata={"help": "Folder of the embedding cache (default ~/.cache/mister_e_hf/embeddings)."}
     )
     extraction_batch_size: int = field(default=16, metadata={"help": "Utterances per backbone call when caching."})
+    backbone_dtype: str = field(
+        default="float32",
+        metadata={"help": "Precision of the frozen backbones' weights for extraction (half the memory in bfloat16 / "
+                          "float16; MiSTER-E's layers stay float32).", "choices": ["float32", "bfloat16", "float16"]},
+    )
 
 
 @dataclass
@@ -260,7 +265,8 @@ def parse_arguments(argv: list[str] | None = None):
 
 RESERVED_OVERRIDES = {
     "head": "--head", "id2label": "the data's labels", "label2id": "the data's labels",
-    "num_labels": "the data's labels", "freeze_speech_backbone": "--freeze_backbones",
+    "num_labels": "the data's labels", "backbone_dtype": "--backbone_dtype",
+    "freeze_speech_backbone": "--freeze_backbones",
     "freeze_text_backbone": "--freeze_backbones", "freeze_visual_backbone": "--freeze_backbones",
     **{f"{m}_{kind}": f"--{m}_model_name_or_path" for m in ("speech", "text", "visual")
        for kind in ("config", "backbone_name_or_path")},
@@ -387,6 +393,7 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
         freeze_visual_backbone=frozen,
         id2label=dict(enumerate(label_names)),
         head=model_args.head,
+        **({"backbone_dtype": model_args.backbone_dtype} if model_args.backbone_dtype != "float32" else {}),
         **parse_overrides(model_args.config_overrides),
     )
     processor = MisterEProcessor.from_backbones(*paths, text_views=model.config.text_views)
@@ -469,6 +476,9 @@ def _saved_model_problems(model_args, training_args, given, saved, same_folder) 
                        f"{'frozen' if frozen else 'not frozen'})")
     if model_args.backbone_finetuning != "none":
         ignored.append(f"--backbone_finetuning {model_args.backbone_finetuning}")
+    if "backbone_dtype" in given:
+        ignored.append(f"--backbone_dtype {model_args.backbone_dtype} (its config says "
+                       f"{saved.backbone_dtype or 'float32'})")
     if ignored:
         problems.append(f"{', '.join(ignored)} cannot apply with --model_name_or_path: the saved model {path} is "
                         "used as saved (its config, head, backbones and freezing); leave them out, or build a new "
@@ -533,6 +543,10 @@ def _finetuning_and_cache_problems(model_args, given, train, saved) -> list[str]
         problems.append(f"{', '.join(f'--{o}' for o in FINETUNING_OPTIONS if o in given)} do nothing without "
                         "--backbone_finetuning full|lora")
     cached = caches_embeddings(model_args, saved)
+    if model_args.backbone_dtype != "float32" and (model_args.backbone_finetuning != "none" or not cached):
+        problems.append(f"--backbone_dtype {model_args.backbone_dtype} is for frozen backbones, whose embeddings are "
+                        "cached (--freeze_backbones, without --backbone_finetuning); train trainable backbones in "
+                        "mixed precision (--bf16) instead")
     if saved is None:
         try:
             overrides = parse_overrides(model_args.config_overrides)

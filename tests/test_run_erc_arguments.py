@@ -356,3 +356,12 @@ def test_inputs_refused_at_extraction_are_skipped_and_reported_under_skip_invali
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["skipped_by_split"]["train"] == {"speech refused at extraction (the utterance is kept without it)": 1}
     assert f"conversation {first['conversation_id']!r}, turn {first['turn']}" in json.dumps(report["examples"])
+
+
+def test_backbone_dtype_is_for_frozen_cached_backbones_only(refused, tiny_backbones, corpus, tmp_path):
+    args = [a for a in backbone_args(tiny_backbones, corpus, tmp_path / "run") if a != "--freeze_backbones"]
+    assert "--backbone_dtype bfloat16 is for frozen backbones" in refused(*args, "--backbone_dtype", "bfloat16")
+    frozen = backbone_args(tiny_backbones, corpus, tmp_path / "run")
+    assert "'backbone_dtype' is set by --backbone_dtype" in refused(
+        *frozen[:-1], frozen[-1] + ",backbone_dtype=float16")
+    assert "is for frozen backbones" in refused(*args, "--backbone_dtype", "float16", "--backbone_finetuning", "lora")

@@ -106,6 +106,10 @@ class MisterEConfig(PreTrainedConfig):
     does it from the training set's cached embeddings) and saved with it."""
     backbone_chunk_size: int | None = None
     """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
+    backbone_dtype: str | None = None
+    """Precision of the (frozen) backbones' weights: `None` or `"float32"`, or `"bfloat16"` / `"float16"` for half the
+    memory in extraction; MiSTER-E's own layers stay float32 and the embeddings are cast to it. Half precision is
+    for frozen backbones only (train trainable ones in mixed precision, `bf16=True`)."""
 
     projection_dim: int = interval(min=1)(default=256)
     """Size of each modality's utterance representation after the input projection."""
@@ -296,6 +300,15 @@ class MisterEConfig(PreTrainedConfig):
                 check(self)
         if self.backbone_chunk_size is not None and self.backbone_chunk_size <= 0:
             raise ValueError(f"`backbone_chunk_size` must be positive, got {self.backbone_chunk_size}.")
+        if self.backbone_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"`backbone_dtype` must be None, 'float32', 'bfloat16' or 'float16', got "
+                             f"{self.backbone_dtype!r}.")
+        trainable = [m for m in ("speech", "text", "visual") if getattr(self, f"{m}_config") is not None
+                     and not getattr(self, f"freeze_{m}_backbone")]
+        if self.backbone_dtype in ("bfloat16", "float16") and trainable:
+            raise ValueError(f"`backbone_dtype={self.backbone_dtype}` is for frozen backbones (extraction); the "
+                             f"{' and '.join(trainable)} backbone{'s are' if len(trainable) > 1 else ' is'} "
+                             "trainable: train in mixed precision (`bf16=True`) instead.")
 
     def loss_term_weights(self) -> dict[str, float]:
         """The weight of every loss term the head and the fusion declare (their defaults, the legacy weight fields

@@ -174,12 +174,25 @@ class ModalityEncoder:
         return ModalityFeatures(projected, step.unsqueeze(1), mask), state
 
 
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The half-precision dtypes a frozen backbone may be loaded in (`backbone_dtype`), by name."""
+
+
 class MisterEPreTrainedModel(PreTrainedModel):
     config_class = MisterEConfig
     base_model_prefix = "mister_e"
     main_input_name = "utterance_mask"
     supports_gradient_checkpointing = True  # for the backbones (`gradient_checkpointing_enable`)
     _no_split_modules = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of MiSTER-E's own layers (what `save_pretrained` records as the model's), whatever the
+        precision of frozen backbones (`config.backbone_dtype`)."""
+        for name, parameter in self.named_parameters():
+            if not name.split(".")[0].endswith("_backbone") and parameter.is_floating_point():
+                return parameter.dtype
+        return super().dtype
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False):
@@ -262,6 +275,8 @@ class MisterEModel(MisterEPreTrainedModel):
             setattr(self, f"{modality}_backbone", backbone)
             if backbone is not None and getattr(config, f"freeze_{modality}_backbone"):
                 backbone.requires_grad_(False)
+                if config.backbone_dtype in HALF_DTYPES:  # frozen weights kept in half precision
+                    backbone.to(HALF_DTYPES[config.backbone_dtype])
 
         self.poolings = {"speech": config.speech_pooling, "visual": config.visual_pooling,
                          "text": resolve_text_pooling(config.text_pooling, config.text_config)}
@@ -333,14 +348,19 @@ class MisterEModel(MisterEPreTrainedModel):
 
         The backbones keep their loaded weights; only MiSTER-E's own layers are initialised. `backbone_kwargs` go to
         each backbone's `from_pretrained` (e.g. `revision`, `dtype`), `config_kwargs` to [`MisterEConfig`]
-        (e.g. `id2label`, `projection_dim`).
+        (e.g. `id2label`, `projection_dim`). `config_kwargs["backbone_dtype"]` (`"bfloat16"` or `"float16"`) loads the
+        frozen backbones in half precision, for extraction (half the memory; the embeddings are cast to float32 for
+        MiSTER-E's layers and cached apart from float32 ones).
         """
         paths = {"speech": speech_model_name_or_path, "text": text_model_name_or_path,
                  "visual": visual_model_name_or_path}
         if not any(paths.values()) and not any(config_kwargs.get(f"{m}_embed_dim") for m in MODALITIES):
             raise MisterEError("Give at least one backbone (speech, text or visual) or an embedding size for "
                              "embeddings mode.")
-        backbone_kwargs = backbone_kwargs or {}
+        backbone_kwargs = dict(backbone_kwargs or {})
+        half = HALF_DTYPES.get(config_kwargs.get("backbone_dtype"))
+        if half is not None:
+            backbone_kwargs["dtype"] = half
         backbones, configs = {}, {}
         for modality, path in paths.items():
             if path is None:
@@ -493,6 +513,8 @@ class MisterEModel(MisterEPreTrainedModel):
         selected = mask.bool()
         rows = {name: value[selected] for name, value in inputs.items()
                 if name in INPUT_NAMES[modality] and value is not None}
+        if backbone.dtype != torch.float32:  # a half-precision (or float64) backbone reads its own dtype
+            rows = {name: v.to(backbone.dtype) if v.is_floating_point() else v for name, v in rows.items()}
         self._check_backbone_rows(modality, backbone, rows, selected)
         with self._backbone_context(modality):
             pooled = ENCODERS[modality](backbone, rows, self.poolings[modality], self.config.backbone_chunk_size,
