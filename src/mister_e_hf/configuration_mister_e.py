@@ -242,12 +242,20 @@ class MisterEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_mister_e(self):
-        """Checked at construction: settings are finite, names exist in their registries, sizes are consistent, and
-        each chosen component (fusion, head, gate, context layer) accepts the settings it reads (its own
-        `validate_config`). Simple bounds are the fields' own validators (`interval`)."""
+        """Checked at construction: settings are finite, the modalities' sizes and layers are consistent, names
+        exist in their registries, each chosen component (fusion, head, gate, context layer) accepts the settings
+        it reads (its own `validate_config`), and the backbones' execution settings work. Simple bounds are the
+        fields' own validators (`interval`)."""
+        load_builtins()
+        self._check_numbers()
+        self._check_modalities()
+        self._check_text_views()
+        self._check_components()
+        self._check_backbone_execution()
+
+    def _check_numbers(self) -> None:
         import math
 
-        load_builtins()
         for name, value in vars(self).items():  # NaN passes every `< 0` check: refuse non-finite settings first
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value}.")
@@ -255,6 +263,8 @@ class MisterEConfig(PreTrainedConfig):
                 not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in self.ccc_weights)
                 or not sum(self.ccc_weights) > 0):
             raise ValueError(f"`ccc_weights` must be non-negative finite numbers, not all 0, got {self.ccc_weights}.")
+
+    def _check_modalities(self) -> None:
         if not self.modalities:
             raise ValueError(
                 "A MiSTER-E model needs at least one modality: give `speech_config`/`text_config`/`visual_config` "
@@ -276,6 +286,8 @@ class MisterEConfig(PreTrainedConfig):
                                  f"{list(LAYER_COMBINERS)}.")
             if self.has_modality(modality) and layers != "last" and not self.embed_layers(modality):
                 raise ValueError(f"`{modality}_layers={layers!r}` in embeddings mode needs `{modality}_embed_layers`.")
+
+    def _check_text_views(self) -> None:
         if not self.text_views or self.text_views[0] != "text" or len(set(self.text_views)) != len(self.text_views):
             raise ValueError(f"`text_views` must start with 'text' (the transcript) and not repeat, got {self.text_views}.")
         clashing = [v for v in self.text_views[1:] if not isinstance(v, str) or not v.strip() or v in NOT_TEXT_VIEWS
@@ -284,6 +296,9 @@ class MisterEConfig(PreTrainedConfig):
             raise ValueError(f"`text_views` {clashing} name inputs or columns that are not text (audio, images, "
                              f"labels, speakers, ...; reserved: {sorted(NOT_TEXT_VIEWS)}); a view is a text column "
                              "such as `emphasis` or `description`.")
+
+    def _check_components(self) -> None:
+        """Registered names first, then each chosen component's own `validate_config` and the loss weights."""
         for name, registry in (("speech_pooling", POOLINGS), ("visual_pooling", POOLINGS), ("fusion", FUSIONS),
                                ("head", HEADS), ("gate_type", GATES), ("context_layer", CONTEXT_LAYERS)):
             if getattr(self, name) not in registry:
@@ -298,12 +313,14 @@ class MisterEConfig(PreTrainedConfig):
             check = getattr(registry[name], "validate_config", None)
             if check is not None:
                 check(self)
+
+    def _check_backbone_execution(self) -> None:
         if self.backbone_chunk_size is not None and self.backbone_chunk_size <= 0:
             raise ValueError(f"`backbone_chunk_size` must be positive, got {self.backbone_chunk_size}.")
         if self.backbone_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"`backbone_dtype` must be None, 'float32', 'bfloat16' or 'float16', got "
                              f"{self.backbone_dtype!r}.")
-        trainable = [m for m in ("speech", "text", "visual") if getattr(self, f"{m}_config") is not None
+        trainable = [m for m in MODALITIES if self.backbone_config(m) is not None
                      and not getattr(self, f"freeze_{m}_backbone")]
         if self.backbone_dtype in ("bfloat16", "float16") and trainable:
             raise ValueError(f"`backbone_dtype={self.backbone_dtype}` is for frozen backbones (extraction); the "
