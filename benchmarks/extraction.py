@@ -275,7 +275,7 @@ def part_c(args, results):
     import torch.nn.functional as F
     from transformers import AutoFeatureExtractor
 
-    from mister_e_hf.backbones import load_backbone
+    from mister_e_hf.backbones import encode_whisper_trimmed, load_backbone
 
     whisper = whisper_path(args)
     encoder = load_backbone(str(whisper)).eval()
@@ -293,7 +293,7 @@ def part_c(args, results):
 
     with torch.no_grad():
         reference = encoder(input_features=full[:2]).last_hidden_state
-        mine = trimmed_whisper_encoder(encoder, full[:2])
+        mine = encode_whisper_trimmed(encoder, full[:2], torch.full((2,), full.shape[-1])).last_hidden_state
         check = float((reference - mine).abs().max())
     if check > 1e-4:
         raise RuntimeError(f"The reimplemented Whisper encoder differs from transformers' by {check} on 3000 frames.")
@@ -307,11 +307,11 @@ def part_c(args, results):
 
     @torch.no_grad()
     def cut():
-        return [trimmed_whisper_encoder(encoder, trimmed[c]) for c in chunks]
+        return [encode_whisper_trimmed(encoder, trimmed[c], real_frames[c]).last_hidden_state for c in chunks]
 
     timings = time_interleaved({"padded_3000_frames": padded, "trimmed": cut}, args.repeats, warmups={
         "padded_3000_frames": torch.no_grad()(lambda: encoder(input_features=full[:1])),
-        "trimmed": torch.no_grad()(lambda: trimmed_whisper_encoder(encoder, trimmed[:1])),
+        "trimmed": torch.no_grad()(lambda: encode_whisper_trimmed(encoder, trimmed[:1], real_frames[:1])),
     })
     padded_out, trimmed_out = torch.cat(padded()), torch.cat(cut())
     out_frames = encoder._get_feat_extract_output_lengths(real_frames)  # output frames covering real audio

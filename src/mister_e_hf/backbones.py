@@ -9,6 +9,7 @@ contribute their encoder only. `ENCODERS` maps each modality to the function tha
 
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -102,6 +103,54 @@ def _pool_layers(outputs, mask: torch.Tensor, pooling: str, all_layers: bool) ->
     return pooled.view(n, layers, -1)
 
 
+def is_whisper_encoder(backbone: PreTrainedModel) -> bool:
+    """A Whisper-family encoder: log-mel `input_features` through two convolutions (the second of stride 2) and
+    learned positions over a fixed window (30 s), padded to that window whatever the audio's length."""
+    return backbone.main_input_name == "input_features" and all(
+        isinstance(getattr(backbone, name, None), torch.nn.Module)
+        for name in ("conv1", "conv2", "embed_positions", "layers", "layer_norm"))
+
+
+def whisper_trimmed_frames(frames: torch.Tensor, window: int) -> torch.Tensor:
+    """The mel frames a trimmed Whisper encoder runs on per utterance: those that cover its audio, rounded up to
+    even (the second convolution has stride 2), at least 2, at most the window."""
+    return (frames + frames % 2).clamp(2, window)
+
+
+def encode_whisper_trimmed(backbone: PreTrainedModel, input_features: torch.Tensor, frames: torch.Tensor,
+                           output_hidden_states: bool = False):
+    """A Whisper-family encoder run on the mel frames that cover each utterance (`frames`, real frames per row),
+    not on the 30-s window: the convolutions, the first `T/2` learned positions, the layers with the padding of
+    shorter rows masked out of attention, the final layer norm. Each row gives what it gives alone (up to float
+    rounding), whatever the batch; its output covers `whisper_trimmed_frames(frames) / 2` positions.
+
+    Same modules and weights as the encoder's own forward (no class is patched); its output structure too:
+    `last_hidden_state (N, T/2, D)` and, with `output_hidden_states`, the positions-added input and every
+    layer's output, the last after the layer norm, as transformers records them."""
+    window = input_features.shape[-1]
+    mel = whisper_trimmed_frames(frames.to(input_features.device), window)
+    width = int(mel.max())
+    keep = torch.arange(width, device=input_features.device) < mel.unsqueeze(1)  # (N, width)
+    x = input_features[..., :width] * keep.unsqueeze(1)  # beyond a row's end: zeros, as the convolution pads alone
+    x = torch.nn.functional.gelu(backbone.conv1(x)) * keep.unsqueeze(1)
+    x = torch.nn.functional.gelu(backbone.conv2(x)).permute(0, 2, 1)  # (N, width / 2, D)
+    positions = width // 2
+    hidden = x + backbone.embed_positions.weight[:positions]
+    hidden = torch.nn.functional.dropout(hidden, p=backbone.config.dropout, training=backbone.training)
+    real = torch.arange(positions, device=hidden.device) < (mel // 2).unsqueeze(1)
+    mask = None
+    if not real.all():  # additive mask over keys: a row never attends to another row's extra frames
+        mask = torch.zeros(real.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~real, torch.finfo(hidden.dtype).min)[:, None, None, :]
+    states = [hidden]
+    for layer in backbone.layers:
+        hidden = layer(hidden, mask)
+        states.append(hidden)
+    hidden = backbone.layer_norm(hidden)
+    states[-1] = hidden
+    return BaseModelOutput(last_hidden_state=hidden, hidden_states=tuple(states) if output_hidden_states else None)
+
+
 def encode_speech(
     backbone: PreTrainedModel,
     inputs: torch.Tensor,
@@ -109,6 +158,7 @@ def encode_speech(
     pooling: str,
     chunk_size: int | None = None,
     all_layers: bool = False,
+    trim_padding: bool = False,
 ) -> torch.Tensor:
     """Pooled speech embeddings of N utterances.
 
@@ -119,11 +169,16 @@ def encode_speech(
         pooling: a name from `POOLINGS`, applied over the output frames that cover real audio only.
         chunk_size: at most this many utterances per backbone call.
         all_layers: pool every hidden layer, not only the last.
+        trim_padding: run a Whisper-family encoder on the frames that cover the utterances
+            (`encode_whisper_trimmed`), not on its 30-s window.
 
     Returns:
         `(N, hidden_size)` embeddings, or `(N, layers, hidden_size)` with `all_layers`.
     """
     input_name = backbone.main_input_name
+    if trim_padding and not is_whisper_encoder(backbone):
+        raise MisterEError(f"`speech_trim_padding` is for Whisper-family encoders; the speech backbone is a "
+                           f"{type(backbone).__name__}, which runs on the utterance's own length already.")
     options = {"output_hidden_states": True} if all_layers else {}
     lengths = attention_mask.long().sum(-1)
     if input_name == "input_values":
@@ -138,6 +193,8 @@ def encode_speech(
     for index, length in calls:
         if length is not None:  # exact-length group: no padding at all, no mask
             outputs = backbone(**{input_name: inputs[index, :length]}, **options)
+        elif trim_padding:
+            outputs = encode_whisper_trimmed(backbone, inputs[index], lengths[index], all_layers)
         else:
             mask = attention_mask[index] if input_name == "input_values" else None
             mask = mask[:, : inputs.shape[1]] if mask is not None else None
@@ -209,11 +266,12 @@ def encode_visual(
     return torch.cat(outputs)
 
 
-def _speech(backbone, inputs, pooling, chunk_size, all_layers):
+def _speech(backbone, inputs, pooling, chunk_size, all_layers, trim_padding: bool = False):
     values = inputs.get("input_values", inputs.get("input_features"))
     if inputs.get("speech_attention_mask") is None:
         raise MisterEError("Speech inputs need `speech_attention_mask` (the processor returns it).")
-    return encode_speech(backbone, values, inputs["speech_attention_mask"], pooling, chunk_size, all_layers)
+    return encode_speech(backbone, values, inputs["speech_attention_mask"], pooling, chunk_size, all_layers,
+                         trim_padding=trim_padding)
 
 
 def _text(backbone, inputs, pooling, chunk_size, all_layers):
@@ -239,7 +297,8 @@ INPUT_NAMES = {name: modality.inputs for name, modality in MODALITY_TABLE.items(
 """The raw model inputs of each modality, shaped `(batch, utterances, ...)` (from `modalities.MODALITY_TABLE`)."""
 
 ENCODERS = {"speech": _speech, "text": _text, "visual": _visual}
-"""Per modality: `(backbone, inputs (N, ...) by name, pooling, chunk_size, all_layers) -> (N, [layers,] dim)`."""
+"""Per modality: `(backbone, inputs (N, ...) by name, pooling, chunk_size, all_layers, **options) -> (N, [layers,]
+dim)`; speech takes `trim_padding` (`MisterEConfig.speech_trim_padding`)."""
 
 __all__ = [
     "ENCODERS",
@@ -253,4 +312,6 @@ __all__ = [
     "is_padding_sensitive",
     "encode_speech",
     "encode_text",
+    "encode_whisper_trimmed",
+    "is_whisper_encoder",
 ]

@@ -112,7 +112,7 @@ def _processor_settings(processor, modality: str) -> dict:
 def extraction_settings(model, processor, modality: str, weights: str | None = None) -> dict:
     """Everything a modality's embeddings depend on besides the utterance itself."""
     config = model.config
-    return {
+    settings = {
         "format": CACHE_FORMAT,
         "modality": modality,
         "backbone": getattr(config, f"{modality}_backbone_name_or_path"),
@@ -122,6 +122,10 @@ def extraction_settings(model, processor, modality: str, weights: str | None = N
         "layers": config.embed_layers(modality),
         "processor": _processor_settings(processor, modality),
     }
+    options = {name: value for name, value in model._encoder_options(modality).items() if value}
+    if options:  # only when set, so that the entries of default settings keep their keys
+        settings["encoder"] = options
+    return settings
 
 
 @dataclass

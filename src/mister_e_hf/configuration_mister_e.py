@@ -106,6 +106,11 @@ class MisterEConfig(PreTrainedConfig):
     does it from the training set's cached embeddings) and saved with it."""
     backbone_chunk_size: int | None = None
     """Run each backbone on at most this many utterances at a time (bounds memory); `None` = all at once."""
+    speech_trim_padding: bool = False
+    """Run a Whisper-family speech encoder on the mel frames that cover each utterance instead of its fixed 30-s
+    window (`backbones.encode_whisper_trimmed`: the same weights, the first positions, shorter rows masked): several
+    times less compute for conversational turns, and other embeddings than the padded window gives (saved with the
+    model; the cache keys on it)."""
     backbone_dtype: str | None = None
     """Precision of the (frozen) backbones' weights: `None` or `"float32"`, or `"bfloat16"` / `"float16"` for half the
     memory in extraction; MiSTER-E's own layers stay float32 and the embeddings are cast to it. Half precision is

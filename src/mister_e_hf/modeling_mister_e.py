@@ -24,7 +24,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from .atomic import atomic_directory_update
 from .backbones import ENCODERS, INPUT_NAMES, build_backbone, load_backbone, load_backbone_config
-from .backbones import resolve_text_pooling
+from .backbones import is_whisper_encoder, resolve_text_pooling
 from .configuration_mister_e import MisterEConfig
 from .distributed import gather_for_loss
 from .context_layers import ConversationContext, NoContext  # noqa: F401  (built-ins register themselves)
@@ -278,6 +278,10 @@ class MisterEModel(MisterEPreTrainedModel):
                 if config.backbone_dtype in HALF_DTYPES:  # frozen weights kept in half precision
                     backbone.to(HALF_DTYPES[config.backbone_dtype])
 
+        if config.speech_trim_padding and self.speech_backbone is not None and not is_whisper_encoder(
+                self.speech_backbone):
+            raise MisterEError(f"`speech_trim_padding` is for Whisper-family encoders; the speech backbone is a "
+                               f"{type(self.speech_backbone).__name__}, which runs on each utterance's length already.")
         self.poolings = {"speech": config.speech_pooling, "visual": config.visual_pooling,
                          "text": resolve_text_pooling(config.text_pooling, config.text_config)}
         self.layer_combiners = nn.ModuleDict(
@@ -497,6 +501,10 @@ class MisterEModel(MisterEPreTrainedModel):
         frozen = getattr(self.config, f"freeze_{modality}_backbone")
         return torch.no_grad() if frozen else nullcontext()
 
+    def _encoder_options(self, modality: str) -> dict:
+        """What the modality's encoder (`backbones.ENCODERS`) takes beyond its inputs, from the config."""
+        return {"trim_padding": self.config.speech_trim_padding} if modality == "speech" else {}
+
     def embed_utterances(self, modality: str, mask: torch.Tensor, **inputs) -> torch.Tensor:
         """Pooled backbone embeddings `(B, U, D)` of the utterances where `mask` `(B, U)` is True (zeros elsewhere);
         `(B, U, L, D)`, every hidden layer pooled, when the modality's layers are combined (`speech_layers`).
@@ -518,7 +526,8 @@ class MisterEModel(MisterEPreTrainedModel):
         self._check_backbone_rows(modality, backbone, rows, selected)
         with self._backbone_context(modality):
             pooled = ENCODERS[modality](backbone, rows, self.poolings[modality], self.config.backbone_chunk_size,
-                                        self.config.embed_layers(modality) is not None)
+                                        self.config.embed_layers(modality) is not None,
+                                        **self._encoder_options(modality))
         head_dtype = self.projections[modality].linear.weight.dtype  # a half-precision backbone feeds a float32 head
         embeds = pooled.new_zeros(*mask.shape, *pooled.shape[1:], dtype=head_dtype)
         embeds[selected] = pooled.to(head_dtype)
