@@ -213,8 +213,9 @@ NOTES = """Notes:
 """
 
 
-def render(results: dict, seeds: list[int], recipe_changes: dict | None = None) -> str:
-    """The markdown table (mean ± std over seeds) and its notes; `recipe_changes` (from `--recipe`) are stated."""
+def render(results: dict, seeds: list[int], recipe_changes: dict | None = None, backbones: dict | None = None) -> str:
+    """The markdown table (mean ± std over seeds) and its notes; `recipe_changes` (from `--recipe`) and the
+    backbones (when not the default Whisper tiny.en and MiniLM-L6) are stated."""
     names = [n for n in ROW_ORDER if any(n in rows for rows in results.values())]
     names += [n for rows in results.values() for n in rows if n not in names]
     folds = len({run["fold"] for runs in results.get("emodb", {}).values() for run in runs if "fold" in run})
@@ -235,6 +236,8 @@ def render(results: dict, seeds: list[int], recipe_changes: dict | None = None) 
         cells.append(" / ".join(f"{g:.2f}" for g in gates) if len(gates) == 3 else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     header = f"# Accuracy on real data\n\nMean ± std over seeds {seeds} (EmoDB: each seed's mean over the folds).\n\n"
+    if backbones:
+        header += "**Backbones**: " + ", ".join(f"{k} `{v}`" for k, v in backbones.items()) + ".\n\n"
     if recipe_changes:
         header += f"**Recipe changed from the table's** (`--recipe`): `{json.dumps(recipe_changes)}`.\n\n"
     return header + "\n".join(lines) + "\n\n" + NOTES
@@ -259,7 +262,8 @@ def main():
     args = parser.parse_args()
     if args.render is not None:
         saved = json.loads(args.render.read_text())
-        markdown = render(saved["results"], saved["meta"]["seeds"], saved["meta"].get("recipe_changes"))
+        markdown = render(saved["results"], saved["meta"]["seeds"], saved["meta"].get("recipe_changes"),
+                          saved["meta"].get("backbones"))
         args.render.with_suffix(".md").write_text(markdown)
         print(markdown)
         return
@@ -282,11 +286,13 @@ def main():
 
     meta = {"seeds": seeds, "quick": args.quick, "seconds": round(time.perf_counter() - start, 1),
             "torch": torch.__version__, "python": sys.version.split()[0],
-            "recipes": RECIPES, "recipe_changes": args.recipe}
+            "recipes": RECIPES, "recipe_changes": args.recipe,
+            "backbones": {**({"speech": whisper_path(args).name} if "emodb" in args.datasets else {}),
+                          "text": minilm_path(args).name}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
     (RESULTS / f"accuracy{suffix}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    markdown = render(results, seeds, args.recipe)
+    markdown = render(results, seeds, args.recipe, meta["backbones"])
     (RESULTS / f"accuracy{suffix}.md").write_text(markdown)
     print(markdown)
 

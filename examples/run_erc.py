@@ -786,9 +786,10 @@ def main(argv: list[str] | None = None):
                              loss_terms=list(model.loss_weights))
     if resume:  # before any compute: a checkpoint of other settings is refused (the trainer checks again)
         check_resume_settings(resume, model.config, training_args)
+    finetuning = {}
     if stages[0] and model_args.backbone_finetuning != "none":
         for modality in model.config.modalities:
-            finetune_backbone(model, processor, modality, datasets, method=model_args.backbone_finetuning,
+            finetuning[modality] = finetune_backbone(model, processor, modality, datasets, method=model_args.backbone_finetuning,
                               epochs=model_args.finetuning_epochs, learning_rate=model_args.finetuning_learning_rate,
                               lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                               output_dir=output_dir / f"finetuning-{modality}", seed=training_args.seed,
@@ -796,6 +797,9 @@ def main(argv: list[str] | None = None):
                               bf16=training_args.bf16, fp16=training_args.fp16, use_cpu=training_args.use_cpu)
     datasets, timings = extract(model, processor, datasets, model_args, data_args, report, output_dir, label_names,
                                 label_columns, save=training_args.should_save)
+    for modality, metrics in finetuning.items():  # recorded with the training metrics
+        timings.update({f"finetuning_{modality}_{name}": metrics[name] for name in ("train_runtime", "train_loss",
+                                                                                   "epoch") if name in metrics})
     callbacks = [EarlyStoppingCallback(training_args.early_stopping_patience)] \
         if stages[0] and training_args.early_stopping_patience else []
     trainer = build_trainer(model, training_args, datasets.get("train"),
