@@ -74,7 +74,14 @@ def main():
     add_asset_args(parser, "whisper", "minilm", "emodb")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--recipe", type=json.loads, default={}, metavar="JSON",
+                        help='changes to the EmoDB recipe, e.g. \'{"config": {"standardize_embeddings": true}}\'')
+    parser.add_argument("--tag", default=None, help="write whisper_trimming-TAG.json/.md")
     args = parser.parse_args()
+    for part, values in args.recipe.items():
+        if part not in ("config", "training"):
+            parser.error(f"--recipe: unknown key {part!r}; expected config and/or training")
+        accuracy.RECIPES["emodb"][part] = {**accuracy.RECIPES["emodb"][part], **values}
     logging.set_verbosity_error()
     disable_progress_bar()
     seeds, folds = (args.seeds[:1], [0]) if args.quick else (args.seeds, list(range(5)))
@@ -107,7 +114,7 @@ def main():
     meta = {"seconds": round(time.perf_counter() - start, 1), "quick": args.quick, "seeds": seeds, "folds": folds,
             "recipe": accuracy.RECIPES["emodb"], "hardware": hardware_info()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
     (RESULTS / f"whisper_trimming{suffix}.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "variants": variants}, indent=1) + "\n")
     d = summary["difference"]
