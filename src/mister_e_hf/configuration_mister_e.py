@@ -111,8 +111,8 @@ class MisterEConfig(PreTrainedConfig):
     window (`backbones.encode_whisper_trimmed`: the same weights, the first positions, shorter rows masked): several
     times less compute for conversational turns, and other embeddings than the padded window gives (saved with the
     model; the cache keys on it). Off by default: on EmoDB it extracts 10.7x faster and a logistic regression on its
-    embeddings is as accurate, but MiSTER-E with the table's recipe lost 2.2 points
-    (benchmarks/results/whisper_trimming.md)."""
+    embeddings is as accurate, but MiSTER-E with the table's recipe lost 2.2 points (with the standardised recipe
+    0.8, within noise; benchmarks/results/whisper_trimming*.md)."""
     backbone_dtype: str | None = None
     """Precision of the (frozen) backbones' weights: `None` or `"float32"`, or `"bfloat16"` / `"float16"` for half the
     memory in extraction; MiSTER-E's own layers stay float32 and the embeddings are cast to it. Half precision is
