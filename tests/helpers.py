@@ -163,3 +163,28 @@ def common_args(tiny_backbones, corpus, output_dir, cache_dir):
             "--embedding_cache_dir", cache_dir, "--config_overrides",
             "projection_dim=16,context_hidden_size=8,expert_hidden_size=16,cross_attention_heads=2",
             "--per_device_train_batch_size", "4", "--seed", "3", "--disable_tqdm", "true"]
+
+
+def seeded_state_dict(parameters: dict, seed: int = 0) -> dict:
+    """Weights for the named `parameters` (`{name: [shape, dtype]}`) drawn from `seed` alone, whatever code reads
+    them: a checkpoint of an older version is rebuilt from its parameter names instead of being stored as a weight
+    file. Standard deviations are positive, fit counts 10, normalisation scales near 1, the rest small normals."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (shape, dtype) in sorted(parameters.items()):
+        if dtype == "int64":
+            state[name] = torch.full(shape, 10, dtype=torch.int64)
+            continue
+        values = torch.randn(shape, generator=generator)
+        if name.endswith(".std"):
+            values = 0.5 + values.abs()
+        elif name.endswith(".mean"):
+            values = values * 2
+        elif len(shape) == 1 and name.endswith(".weight"):  # normalisation scales
+            values = 1 + 0.1 * values
+        else:
+            values = 0.3 * values
+        state[name] = values
+    return state

@@ -137,14 +137,22 @@ def test_trust_remote_code_in_a_fresh_process_without_the_package(build, tmp_pat
     np.testing.assert_array_equal(np.array(remote["logits"], dtype=np.float32), expected.numpy())
 
 
-def test_a_checkpoint_saved_before_the_component_registries_still_loads_and_predicts_the_same():
-    """`tests/data/checkpoint-0.1.0` was saved by mister_e_hf 0.1.0 as it was before loss terms, heads and
-    components became registered plug-ins (config without `loss_weights`, one field per loss term); with it, its
-    inputs and the logits, gate weights and losses that code computed."""
-    from helpers import REPO_ROOT
+def test_a_checkpoint_saved_before_the_component_registries_still_loads_and_predicts_the_same(tmp_path):
+    """`tests/data/checkpoint-0.1.0` holds the config.json that mister_e_hf 0.1.0 wrote before loss terms, heads and
+    components became registered plug-ins (no `loss_weights`, one field per loss term) and, in expected.json, its
+    parameter names and shapes, inputs, and the logits, gate weights and losses that code computed on the weights
+    `helpers.seeded_state_dict` draws for those names (no weight file is stored)."""
+    import shutil
 
-    folder = REPO_ROOT / "tests" / "data" / "checkpoint-0.1.0"
-    expected = json.loads((folder / "expected.json").read_text())
+    from helpers import REPO_ROOT, seeded_state_dict
+    from safetensors.torch import save_file
+
+    source = REPO_ROOT / "tests" / "data" / "checkpoint-0.1.0"
+    expected = json.loads((source / "expected.json").read_text())
+    folder = tmp_path / "checkpoint-0.1.0"
+    folder.mkdir()
+    shutil.copy(source / "config.json", folder)
+    save_file(seeded_state_dict(expected["parameters"]), str(folder / "model.safetensors"), metadata={"format": "pt"})
     model = AutoModel.from_pretrained(folder).eval()
     assert model.config.loss_weights is None and model.embedding_statistics_fitted
     inputs = {name: torch.tensor(expected[name]) for name in ("speech_embeds", "text_embeds", "utterance_mask", "labels")}
