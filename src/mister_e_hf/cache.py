@@ -122,7 +122,7 @@ def extraction_settings(model, processor, modality: str, weights: str | None = N
         "layers": config.embed_layers(modality),
         "processor": _processor_settings(processor, modality),
     }
-    options = {name: value for name, value in model._encoder_options(modality).items() if value}
+    options = {name: value for name, value in model.encoder_options(modality).items() if value}
     if options:  # only when set, so that the entries of default settings keep their keys
         settings["encoder"] = options
     return settings

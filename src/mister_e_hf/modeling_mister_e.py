@@ -189,9 +189,9 @@ class MisterEPreTrainedModel(PreTrainedModel):
     def dtype(self) -> torch.dtype:
         """The dtype of MiSTER-E's own layers (what `save_pretrained` records as the model's), whatever the
         precision of frozen backbones (`config.backbone_dtype`)."""
-        for name, parameter in self.named_parameters():
-            if not name.split(".")[0].endswith("_backbone") and parameter.is_floating_point():
-                return parameter.dtype
+        projections = getattr(self, "projections", None)
+        if projections:  # every modality has one: MiSTER-E's first layer
+            return next(iter(projections.values())).linear.weight.dtype
         return super().dtype
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
@@ -501,7 +501,7 @@ class MisterEModel(MisterEPreTrainedModel):
         frozen = getattr(self.config, f"freeze_{modality}_backbone")
         return torch.no_grad() if frozen else nullcontext()
 
-    def _encoder_options(self, modality: str) -> dict:
+    def encoder_options(self, modality: str) -> dict:
         """What the modality's encoder (`backbones.ENCODERS`) takes beyond its inputs, from the config."""
         return {"trim_padding": self.config.speech_trim_padding} if modality == "speech" else {}
 
@@ -527,7 +527,7 @@ class MisterEModel(MisterEPreTrainedModel):
         with self._backbone_context(modality):
             pooled = ENCODERS[modality](backbone, rows, self.poolings[modality], self.config.backbone_chunk_size,
                                         self.config.embed_layers(modality) is not None,
-                                        **self._encoder_options(modality))
+                                        **self.encoder_options(modality))
         head_dtype = self.projections[modality].linear.weight.dtype  # a half-precision backbone feeds a float32 head
         embeds = pooled.new_zeros(*mask.shape, *pooled.shape[1:], dtype=head_dtype)
         embeds[selected] = pooled.to(head_dtype)
