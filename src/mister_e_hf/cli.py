@@ -3,6 +3,7 @@
     mister-e predict --model runs/meld conversations.jsonl -o predictions.jsonl
     mister-e evaluate --model runs/meld --dataset meld --data_dir data/meld --split test
     mister-e plot-gates --model runs/meld conversation.json -o gates.png
+    mister-e demo --model runs/meld                      # a web page (pip install "mister_e_hf[demo]")
 
 Bad input ends with one line naming the file, conversation and utterance, a non-zero exit status, and no output
 file (outputs are written to a temporary file and moved into place only when complete). Output is strict JSON: a
@@ -218,6 +219,12 @@ def plot_gates(args) -> None:
     print(f"wrote {args.output}")
 
 
+def demo(args) -> None:
+    from .demo import launch
+
+    launch(args.model, host=args.host, port=args.port, examples=args.examples)
+
+
 def _loaders() -> list[str]:
     from .registry import LOADERS, load_builtins
 
@@ -265,7 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG file")
     p.add_argument("--asr_model")
     p.set_defaults(run=plot_gates)
+
+    p = commands.add_parser("demo", help="a web page to try the model on a conversation (Gradio)")
+    p.add_argument("--model", required=True, help="a saved model folder or a Hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=positive_int, default=7860)
+    p.add_argument("--examples", help="JSONL of example conversations (default: the model folder's examples.jsonl)")
+    p.set_defaults(run=demo)
     return parser
+
+
+def error_line(error: Exception) -> str:
+    """The one line `mister-e` prints for an error: the message of one the user can fix (its first line), or, for
+    anything else, its type and message."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    if isinstance(error, CliError):
+        return f"mister-e: error: {error}"
+    if isinstance(error, (ValueError, OSError, StrictDataclassError)):  # corpus, file and config errors
+        lines = str(error).splitlines()
+        return f"mister-e: error: {lines[0] if lines else type(error).__name__}"
+    lines = str(error).splitlines()
+    return f"mister-e: error: unexpected {type(error).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,11 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable_progress_bar()
     try:
         args.run(args)
-    except CliError as error:
-        print(f"mister-e: error: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, StrictDataclassError) as error:  # corpus, file and config errors: still one line
-        print(f"mister-e: error: {str(error).splitlines()[0]}", file=sys.stderr)
+    except (CliError, ValueError, OSError, StrictDataclassError) as error:  # corpus, file, config errors: one line
+        print(error_line(error), file=sys.stderr)
         return 1
     return 0
 

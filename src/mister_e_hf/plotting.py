@@ -165,27 +165,16 @@ def plot_gate_weights_by_class(gates, true_ids, label_names, expert_names, path,
     _save(figure, path, image_format)
 
 
-def plot_gate_weights_along_turns(gates, expert_names, path, labels=None, title="Experts' weights along the turns"):
-    """Stacked gate weights per turn of one conversation.
+def _turn_labels(labels, turns: int) -> list[str] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, (str, bytes)) or len(labels) != turns:
+        raise MisterEError(f"`labels` must give one label per turn ({turns}), got {labels!r}.")
+    return [str(label) for label in labels]
 
-    Args:
-        gates: `(T, E)` gate weights of the conversation's T turns (at least one) over the E experts.
-        expert_names: the E expert names.
-        path: the image file; its suffix gives the format.
-        labels: T strings for the x axis (e.g. the predicted emotion per turn), or None for the turn numbers.
-    """
-    expert_names = _names(expert_names, "expert_names")
-    image_format = _format(path)
-    gates = _gates(gates, expert_names)
-    if not len(gates):
-        raise MisterEError("`gates` has no turn: a conversation to plot has at least one.")
-    if labels is not None:
-        if isinstance(labels, (str, bytes)) or len(labels) != len(gates):
-            raise MisterEError(f"`labels` must give one label per turn ({len(gates)}), got {labels!r}.")
-        labels = [str(label) for label in labels]
+
+def _stacked_gates(ax, gates: np.ndarray, expert_names: list[str], labels: list[str] | None) -> None:
     turns = np.arange(len(gates))
-    figure = _figure(max(5.0, 0.45 * len(gates) + 2), 3.4)
-    ax = figure.subplots()
     bottom = np.zeros(len(gates))
     for e, name in enumerate(expert_names):
         ax.bar(turns, gates[:, e], bottom=bottom, label=name)
@@ -195,10 +184,60 @@ def plot_gate_weights_along_turns(gates, expert_names, path, labels=None, title=
     ax.set_xlabel("turn" + (" (predicted emotion)" if labels is not None else ""))
     ax.set_ylim(0, 1)
     ax.set_ylabel("gate weight")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def gate_weights_along_turns_figure(gates, expert_names, labels=None, title="Experts' weights along the turns",
+                                    emotions=None, label_names=None) -> Figure:
+    """The figure of `plot_gate_weights_along_turns`; with `emotions` (T `(label, score)` pairs) and `label_names`
+    (the model's label set, in order), a timeline of the predicted emotions above it, each point sized by its
+    score, the same turns on both x axes."""
+    expert_names = _names(expert_names, "expert_names")
+    gates = _gates(gates, expert_names)
+    if not len(gates):
+        raise MisterEError("`gates` has no turn: a conversation to plot has at least one.")
+    labels = _turn_labels(labels, len(gates))
+    if emotions is None:
+        figure = _figure(max(5.0, 0.45 * len(gates) + 2), 3.4)
+        ax = figure.subplots()
+        _stacked_gates(ax, gates, expert_names, labels)
+        ax.set_title(title)
+        figure.tight_layout()
+        return figure
+    label_names = _names(label_names, "label_names")
+    if len(emotions) != len(gates) or any(label not in label_names for label, _ in emotions):
+        raise MisterEError(f"`emotions` must give one (label, score) per turn ({len(gates)}) with labels from "
+                           f"{label_names}, got {emotions!r}.")
+    figure = _figure(max(5.0, 0.45 * len(gates) + 2.5), 2.2 + 0.25 * len(label_names) + 3.0)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[1.0 + 0.12 * len(label_names), 1.6])
+    turns = np.arange(len(gates))
+    ids = [label_names.index(label) for label, _ in emotions]
+    scores = np.array([score for _, score in emotions], dtype=float)
+    top.plot(turns, ids, color="0.7", zorder=1)
+    top.scatter(turns, ids, s=40 + 160 * scores, c=ids, cmap="tab10", vmin=0, vmax=9, zorder=2)
+    for turn, (i, score) in enumerate(zip(ids, scores)):
+        top.annotate(f"{score:.2f}", (turn, i), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    top.set_yticks(range(len(label_names)), label_names)
+    top.set_ylim(-0.6, len(label_names) - 0.4)
+    top.set_ylabel("emotion")
+    top.set_title(title)
+    _stacked_gates(bottom, gates, expert_names, labels)
     figure.tight_layout()
-    _save(figure, path, image_format)
+    return figure
 
 
-__all__ = ["plot_confusion_matrix", "plot_gate_weights_by_class", "plot_gate_weights_along_turns"]
+def plot_gate_weights_along_turns(gates, expert_names, path, labels=None, title="Experts' weights along the turns"):
+    """Stacked gate weights per turn of one conversation.
+
+    Args:
+        gates: `(T, E)` gate weights of the conversation's T turns (at least one) over the E experts.
+        expert_names: the E expert names.
+        path: the image file; its suffix gives the format.
+        labels: T strings for the x axis (e.g. the predicted emotion per turn), or None for the turn numbers.
+    """
+    image_format = _format(path)
+    _save(gate_weights_along_turns_figure(gates, expert_names, labels, title), path, image_format)
+
+
+__all__ = ["plot_confusion_matrix", "plot_gate_weights_by_class", "plot_gate_weights_along_turns",
+           "gate_weights_along_turns_figure"]
