@@ -39,5 +39,6 @@ if __name__ == "__main__":
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = parser.parse_args()
-    demo = build_demo(DemoBackend(*load_model(args.model), examples=args.examples))
+    # a Space is public: a visitor's conversation file names no audio on the Space's disk (audio comes as uploads)
+    demo = build_demo(DemoBackend(*load_model(args.model), examples=args.examples, audio_dirs=[]))
     demo.launch(server_name=args.host, server_port=args.port, css=CSS)

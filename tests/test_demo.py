@@ -72,6 +72,15 @@ def test_a_conversation_file_as_mister_e_predict_reads_it(backend, clip, tmp_pat
     assert backend.recognize_file(str(broken)).error == (
         f"mister-e: error: {broken}: not valid JSON (Expecting value, line 2)")
     assert backend.recognize_file(None).error == "mister-e: error: no conversation file given"
+    # a public page reads no file of the server's that a visitor's conversation file names, but under audio_dirs
+    backend.audio_dirs = []
+    assert backend.recognize_file(str(one)).error == (
+        "mister-e: error: one.json (conversation 'call-7', utterance 1): this page reads no file a "
+        "conversation file names; upload the audio in the turn rows instead")
+    backend.audio_dirs = [tmp_path.resolve()]
+    assert backend.recognize_file(str(one)).error is None
+    backend.audio_dirs = [(tmp_path / "elsewhere").resolve()]
+    assert "outside " in backend.recognize_file(str(one)).error
 
 
 def test_examples_ship_with_the_model_folder(build, tmp_path):

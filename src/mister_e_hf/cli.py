@@ -222,7 +222,7 @@ def plot_gates(args) -> None:
 def demo(args) -> None:
     from .demo import launch
 
-    launch(args.model, host=args.host, port=args.port, examples=args.examples)
+    launch(args.model, host=args.host, port=args.port, examples=args.examples, audio_dirs=args.audio_dir)
 
 
 def _loaders() -> list[str]:
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=positive_int, default=7860)
     p.add_argument("--examples", help="JSONL of example conversations (default: the model folder's examples.jsonl)")
+    p.add_argument("--audio_dir", action="append", default=None, metavar="DIR",
+                   help="a folder whose audio a visitor's conversation file may name (repeatable); default: any "
+                        "file when serving on 127.0.0.1, none otherwise (audio then comes as uploads)")
     p.set_defaults(run=demo)
     return parser
 

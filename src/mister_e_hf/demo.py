@@ -94,7 +94,12 @@ class LiveState:
 class DemoBackend:
     """The page's actions on one loaded model, without Gradio."""
 
-    def __init__(self, model, processor, examples: str | os.PathLike | None = None):
+    def __init__(self, model, processor, examples: str | os.PathLike | None = None,
+                 audio_dirs: list[str | os.PathLike] | None = None):
+        """`audio_dirs`: the folders whose audio files a visitor's conversation file may name (its paths are paths
+        on the machine serving the page); `None`: any file (a demo on one's own machine), `[]`: none (a public
+        page; audio then comes as uploads in the turn rows). Example conversations are the model owner's, never
+        restricted."""
         from transformers import pipeline
 
         from .pipeline import TASK
@@ -106,6 +111,7 @@ class DemoBackend:
         self.modalities = list(model.config.modalities)
         self.streaming = not model.config.context_bidirectional
         self.examples = self._examples(examples)
+        self.audio_dirs = None if audio_dirs is None else [Path(d).resolve() for d in audio_dirs]
 
     # ----------------------------------------------------------------------------------------- input
     def _examples(self, examples) -> list[tuple[str, list[dict]]]:
@@ -161,7 +167,17 @@ class DemoBackend:
         except Exception as error:  # noqa: BLE001
             return Recognition([], [], _shown_error(error))
         position, conversation_id, utterances = conversations[0]
-        return self.recognize(utterances, Path(position).name)
+        position = Path(position).name
+        for turn, utterance in enumerate(utterances):
+            named = [utterance.get(key) for key in ("audio", "image")]
+            if self.audio_dirs is not None and any(isinstance(p, str) and p.strip() and not any(
+                    Path(p).resolve().is_relative_to(folder) for folder in self.audio_dirs) for p in named):
+                allowed = ", ".join(str(folder) for folder in self.audio_dirs)
+                return Recognition([], [], error_line(CliError(
+                    f"{position} (conversation {conversation_id!r}, utterance {turn}): this page reads no file a "
+                    f"conversation file names{f' outside {allowed}' if allowed else ''}; upload the audio in the "
+                    "turn rows instead")))
+        return self.recognize(utterances, position)
 
     def recognize_example(self, index: int) -> Recognition:
         name, utterances = self.examples[index]
@@ -342,12 +358,19 @@ def build_demo(backend: DemoBackend, title: str = "MiSTER-E: emotions in a conve
     return demo
 
 
-def launch(model: str, host: str = "127.0.0.1", port: int = 7860, examples: str | None = None) -> None:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def launch(model: str, host: str = "127.0.0.1", port: int = 7860, examples: str | None = None,
+           audio_dirs: list[str] | None = None) -> None:
     """`mister-e demo`: loads the model and serves the page until interrupted. Gradio's usage analytics stay off
-    unless `GRADIO_ANALYTICS_ENABLED` is set: a local demo of a model sends nothing anywhere."""
+    unless `GRADIO_ANALYTICS_ENABLED` is set: a local demo of a model sends nothing anywhere. Served beyond this
+    machine (`host` not loopback), conversation files may name audio only under `audio_dirs`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     require_gradio()
-    backend = DemoBackend(*load_model(model), examples=examples)
+    if audio_dirs is None and host not in LOOPBACK:
+        audio_dirs = []
+    backend = DemoBackend(*load_model(model), examples=examples, audio_dirs=audio_dirs)
     demo = build_demo(backend)
     print(f"mister-e demo: serving {model} on http://{host}:{port}", flush=True)
     demo.launch(server_name=host, server_port=port, show_error=False, quiet=True, css=CSS)
