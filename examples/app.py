@@ -26,7 +26,9 @@ Locally, the same app: `python examples/app.py --model runs/meld-text-minilm` (o
 import argparse
 import os
 
-from mister_e_hf.demo import CSS, DemoBackend, build_demo, load_model
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page sends nothing to Gradio unless asked to
+
+from mister_e_hf.demo import CSS, DemoBackend, build_demo, find_examples, load_model
 
 
 MODEL = os.environ.get("MISTER_E_MODEL", "your-org/your-mister-e-model")
@@ -40,5 +42,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = parser.parse_args()
     # a Space is public: a visitor's conversation file names no audio on the Space's disk (audio comes as uploads)
-    demo = build_demo(DemoBackend(*load_model(args.model), examples=args.examples, audio_dirs=[]))
+    examples = args.examples or find_examples(args.model)
+    demo = build_demo(DemoBackend(*load_model(args.model), examples=examples, audio_dirs=[]))
     demo.launch(server_name=args.host, server_port=args.port, css=CSS)

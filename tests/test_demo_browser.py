@@ -115,8 +115,8 @@ def test_the_demo_page_recognises_a_conversation_and_reports_bad_input(server, b
         wait.until(lambda _: audio.find_elements(By.CSS_SELECTOR, "a[data-testid=download-link]"))  # uploaded
 
     def error_text() -> str:
-        boxes = browser.find_elements(By.ID, "error-box")
-        return boxes[0].text.strip() if boxes and boxes[0].is_displayed() else ""
+        lines = browser.find_elements(By.CSS_SELECTOR, "#error-box .error-line")
+        return lines[0].text.strip() if lines and lines[0].is_displayed() else ""
 
     def predictions():
         return browser.find_elements(By.CSS_SELECTOR, "#predictions tr.prediction")
@@ -126,7 +126,7 @@ def test_the_demo_page_recognises_a_conversation_and_reports_bad_input(server, b
     browser.find_element(By.ID, "submit").click()
     wait.until(lambda _: error_text())
     message = error_text()
-    assert message.startswith("mister-e: error: typed conversation (conversation '0', utterance 1): "), message
+    assert message.startswith("mister-e: error: typed conversation (conversation 'typed', utterance 1): "), message
     assert "\n" not in message and "Traceback" not in message
     assert not predictions()
 

@@ -50,9 +50,10 @@ def _conversation(value, where: str) -> tuple[str | None, list[dict]]:
     return conversation_id, value
 
 
-def read_conversations(path: str) -> list[tuple[str, str, list[dict]]]:
+def read_conversations(path: str, resolve_paths: bool = True) -> list[tuple[str, str, list[dict]]]:
     """`(position in the file, conversation_id, utterances)` of a JSONL file (one conversation per line) or a JSON
-    file (one conversation, or a list of them), with audio paths resolved against the file's folder."""
+    file (one conversation, or a list of them), with relative audio and image paths resolved against the file's
+    folder (`resolve_paths=False`: left as written)."""
     file = Path(path)
     if not file.is_file():
         raise CliError(f"{path}: no such file")
@@ -86,7 +87,8 @@ def read_conversations(path: str) -> list[tuple[str, str, list[dict]]]:
     for index, (position, value) in enumerate(items):
         conversation_id, utterances = _conversation(value, position)
         conversation_id = str(conversation_id) if conversation_id is not None else str(index)
-        conversations.append((position, conversation_id, [_resolve(u, file.parent) for u in utterances]))
+        conversations.append((position, conversation_id,
+                              [_resolve(u, file.parent) for u in utterances] if resolve_paths else utterances))
     return conversations
 
 
@@ -222,7 +224,8 @@ def plot_gates(args) -> None:
 def demo(args) -> None:
     from .demo import launch
 
-    launch(args.model, host=args.host, port=args.port, examples=args.examples, audio_dirs=args.audio_dir)
+    launch(args.model, host=args.host, port=args.port, examples=args.examples, audio_dirs=args.audio_dir,
+           asr_model=args.asr_model)
 
 
 def _loaders() -> list[str]:
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio_dir", action="append", default=None, metavar="DIR",
                    help="a folder whose audio a visitor's conversation file may name (repeatable); default: any "
                         "file when serving on 127.0.0.1, none otherwise (audio then comes as uploads)")
+    p.add_argument("--asr_model", help="speech-recognition model for turns with audio but no text")
     p.set_defaults(run=demo)
     return parser
 

@@ -173,14 +173,27 @@ def _turn_labels(labels, turns: int) -> list[str] | None:
     return [str(label) for label in labels]
 
 
+LABELLED_TURNS = 40
+"""Up to this many turns, each gets its tick (and label); a longer conversation gets matplotlib's own ticks."""
+MAX_TURNS_WIDTH = 24.0
+"""The widest a plot of turns gets, in inches (a long conversation's bars get thinner instead)."""
+
+
+def _turns_width(turns: int, extra: float) -> float:
+    return min(max(5.0, 0.45 * turns + extra), MAX_TURNS_WIDTH)
+
+
 def _stacked_gates(ax, gates: np.ndarray, expert_names: list[str], labels: list[str] | None) -> None:
     turns = np.arange(len(gates))
     bottom = np.zeros(len(gates))
     for e, name in enumerate(expert_names):
-        ax.bar(turns, gates[:, e], bottom=bottom, label=name)
+        ax.bar(turns, gates[:, e], bottom=bottom, label=name, width=0.8 if len(gates) <= LABELLED_TURNS else 1.0)
         bottom += gates[:, e]
-    ax.set_xticks(turns, labels if labels is not None else turns, rotation=45 if labels is not None else 0,
-                  ha="right" if labels is not None else "center")
+    if len(gates) > LABELLED_TURNS:
+        labels = None
+    else:
+        ax.set_xticks(turns, labels if labels is not None else turns, rotation=45 if labels is not None else 0,
+                      ha="right" if labels is not None else "center")
     ax.set_xlabel("turn" + (" (predicted emotion)" if labels is not None else ""))
     ax.set_ylim(0, 1)
     ax.set_ylabel("gate weight")
@@ -198,7 +211,7 @@ def gate_weights_along_turns_figure(gates, expert_names, labels=None, title="Exp
         raise MisterEError("`gates` has no turn: a conversation to plot has at least one.")
     labels = _turn_labels(labels, len(gates))
     if emotions is None:
-        figure = _figure(max(5.0, 0.45 * len(gates) + 2), 3.4)
+        figure = _figure(_turns_width(len(gates), 2.0), 3.4)
         ax = figure.subplots()
         _stacked_gates(ax, gates, expert_names, labels)
         ax.set_title(title)
@@ -208,14 +221,14 @@ def gate_weights_along_turns_figure(gates, expert_names, labels=None, title="Exp
     if len(emotions) != len(gates) or any(label not in label_names for label, _ in emotions):
         raise MisterEError(f"`emotions` must give one (label, score) per turn ({len(gates)}) with labels from "
                            f"{label_names}, got {emotions!r}.")
-    figure = _figure(max(5.0, 0.45 * len(gates) + 2.5), 2.2 + 0.25 * len(label_names) + 3.0)
+    figure = _figure(_turns_width(len(gates), 2.5), 2.2 + 0.25 * len(label_names) + 3.0)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[1.0 + 0.12 * len(label_names), 1.6])
     turns = np.arange(len(gates))
     ids = [label_names.index(label) for label, _ in emotions]
     scores = np.array([score for _, score in emotions], dtype=float)
     top.plot(turns, ids, color="0.7", zorder=1)
     top.scatter(turns, ids, s=40 + 160 * scores, c=ids, cmap="tab10", vmin=0, vmax=9, zorder=2)
-    for turn, (i, score) in enumerate(zip(ids, scores)):
+    for turn, (i, score) in enumerate(zip(ids, scores) if len(gates) <= LABELLED_TURNS else []):
         top.annotate(f"{score:.2f}", (turn, i), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
     top.set_yticks(range(len(label_names)), label_names)
     top.set_ylim(-0.6, len(label_names) - 0.4)
