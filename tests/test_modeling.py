@@ -240,6 +240,20 @@ def test_weighted_layers_learn_over_every_hidden_layer(build):
     assert MisterEModel(MisterEConfig(text_embed_dim=8, text_layers="weighted", text_embed_layers=4, **TINY_HEAD))
 
 
+def test_combined_layers_of_a_trainable_backbone_never_lose_a_layer_to_layerdrop(build):
+    """wav2vec2's LayerDrop skips layers at random in training, leaving no hidden state for them: with its layers
+    combined it is off (the layers would shift, and the concatenation change size from step to step)."""
+    model, processor = build("wav2vec2", "bert", speech_layers="concat", text_layers="weighted")
+    assert model.speech_backbone.config.layerdrop == 0.0
+    plain, _ = build("wav2vec2", "bert")  # the last layer only: LayerDrop left as the backbone has it
+    assert plain.speech_backbone.config.layerdrop == 0.1
+    model.train()
+    inputs = processor(conversations=make_conversations([2, 1], seed=3))
+    for step in range(12):  # with LayerDrop 0.1 over 2 layers, some of these would skip one
+        torch.manual_seed(step)
+        model(**inputs, labels=random_labels(inputs)).loss.backward()
+
+
 def test_ablation_switches_no_gate_and_no_context(build):
     model, processor = build("wav2vec2", "bert", gate_type="mean", context_layer="none")
     conversations = make_conversations([3], seed=14)

@@ -273,6 +273,10 @@ class MisterEModel(MisterEPreTrainedModel):
                     f"{' or '.join(f'`{n}`' for n in BACKBONE_INPUTS[modality])}: it is not a {modality} encoder "
                     "(backbones given in the wrong order?).")
             setattr(self, f"{modality}_backbone", backbone)
+            if backbone is not None and config.embed_layers(modality) and getattr(backbone.config, "layerdrop", 0):
+                # LayerDrop skips layers at random in training, and a skipped layer has no hidden state: the layers
+                # combined would shift (and their number change). Off for backbones whose layers are combined.
+                backbone.config.layerdrop = 0.0
             if backbone is not None and getattr(config, f"freeze_{modality}_backbone"):
                 backbone.requires_grad_(False)
                 if config.backbone_dtype in HALF_DTYPES:  # frozen weights kept in half precision
