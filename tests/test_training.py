@@ -229,3 +229,27 @@ def test_standardized_embeddings_are_fitted_on_the_training_cache_and_saved(tiny
     torch.testing.assert_close(loaded.standardizers["speech"].std, model.standardizers["speech"].std)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**processor(conversations=[conversation])).logits, from_raw)
+
+
+def test_run_erc_gives_frozen_backbones_the_defaults_chosen_without_test_data(trained_run, tiny_backbones):
+    """benchmarks/results/defaults.md chose them on MELD dev and EmoDB's training speakers."""
+    import importlib.util
+
+    from mister_e_hf import FROZEN_BACKBONE_DEFAULTS
+
+    config = json.loads((trained_run[0] / "config.json").read_text())
+    assert (config["speech_layers"], config["text_layers"], config["standardize_embeddings"]) == (
+        "concat", "concat", True) and FROZEN_BACKBONE_DEFAULTS["standardize_embeddings"] is True
+    assert config["dropout"] == 0.4 and config["supcon_weight"] == 0.0 and config["projection_dim"] == 16
+
+    spec = importlib.util.spec_from_file_location("run_erc_defaults", REPO_ROOT / "examples" / "run_erc.py")
+    run_erc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_erc)
+    speech, text = map(str, tiny_backbones)
+    frozen, _ = run_erc.build_model(run_erc.ModelArguments(
+        text_model_name_or_path=text, freeze_backbones=True, config_overrides="text_layers=weighted"), ["a", "b"])
+    assert (frozen.config.text_layers, frozen.config.standardize_embeddings) == ("weighted", True)  # overrides win
+    assert frozen.config.speech_layers == "last"  # no speech backbone: nothing to combine
+    trainable, _ = run_erc.build_model(run_erc.ModelArguments(speech_model_name_or_path=speech,
+                                                             text_model_name_or_path=text), ["a", "b"])
+    assert (trainable.config.speech_layers, trainable.config.standardize_embeddings) == ("last", False)

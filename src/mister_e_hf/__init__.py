@@ -8,7 +8,7 @@ Importing the package registers MiSTER-E with `AutoConfig`, `AutoModel` and `Aut
 from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_mister_e import MisterEConfig
+from .configuration_mister_e import FROZEN_BACKBONE_DEFAULTS, MisterEConfig
 from .errors import CacheError, ConversationInputError, CorpusError, MisterEError, TrainingError
 from .modeling_mister_e import MisterEModel, MisterEPreTrainedModel
 from .outputs import MisterEOutput
@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MisterEConfig",
+    "FROZEN_BACKBONE_DEFAULTS",
     "MisterEModel",
     "MisterEPreTrainedModel",
     "MisterEOutput",
