@@ -36,7 +36,7 @@ from mister_e_hf import MisterEModel, MisterEProcessor
 from mister_e_hf.cache import add_cached_embeddings
 from mister_e_hf.data import load_corpus
 
-from accuracy import RECIPES, emodb_folds, train_and_test
+from accuracy import MEASURED_WITH, RECIPES, emodb_folds, train_and_test
 from common import REPO_ROOT, add_asset_args, main_guard, meld_dir, minilm_path
 from emodb_selection import inner_splits
 
@@ -96,8 +96,8 @@ def meld_scores(args, candidates: dict, results: dict, save) -> None:
     for name, candidate in candidates.items():
         layers = "last" if candidate["config"].get("text_layers") == "last" else "weighted"
         if layers not in bases:
-            base = MisterEModel.from_backbones(None, minilm, freeze_text_backbone=True, text_layers=layers,
-                                               id2label=dict(enumerate(labels)))
+            base = MisterEModel.from_backbones(None, minilm, freeze_text_backbone=True, id2label=dict(enumerate(labels)),
+                                               **{**MEASURED_WITH, "text_layers": layers})
             bases[layers] = (base, add_cached_embeddings(base, processor, datasets, args.cache_dir)[0])
         base, cached = bases[layers]
         runs = results["meld"].setdefault(name, [])

@@ -191,7 +191,8 @@ def part_a(args, results):
     for modality, speech, text, utterances in (("speech", str(whisper), None, speech_utterances),
                                                ("text", None, str(minilm), text_utterances)):
         model = MisterEModel.from_backbones(speech, text, freeze_speech_backbone=True, freeze_text_backbone=True,
-                                            id2label={0: "a", 1: "b"}).eval()
+                                            id2label={0: "a", 1: "b"},  # the padded window the bare forward gets
+                                            **({"speech_trim_padding": False} if speech else {})).eval()
         processor = MisterEProcessor.from_backbones(speech, text)
         result = toolkit_vs_bare(modality, model, processor, utterances, args.batch_size, args.repeats)
         path = Path(speech or text)

@@ -62,7 +62,8 @@ def _load(options: dict):
     from mister_e_hf import MisterEModel, MisterEProcessor
 
     model = MisterEModel.from_backbones(options["whisper"], options["minilm"], freeze_speech_backbone=True,
-                                        freeze_text_backbone=True, id2label=dict(enumerate(options["labels"])))
+                                        freeze_text_backbone=True, id2label=dict(enumerate(options["labels"])),
+                                        speech_trim_padding=False)  # as measured
     return model, MisterEProcessor.from_backbones(options["whisper"], options["minilm"])
 
 

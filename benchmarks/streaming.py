@@ -57,7 +57,8 @@ def main():
     step = max(1, len(clips) // args.utterances)  # spread over speakers
     clips = clips[::step][: args.utterances]
     model = MisterEModel.from_backbones(whisper, minilm, freeze_speech_backbone=True, freeze_text_backbone=True,
-                                        context_bidirectional=False, id2label=dict(enumerate(labels))).eval()
+                                        context_bidirectional=False, id2label=dict(enumerate(labels)),
+                                        speech_trim_padding=False).eval()  # the backbones alone run padded
     processor = MisterEProcessor.from_backbones(whisper, minilm)
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     rate = extractor.sampling_rate

@@ -43,8 +43,8 @@ def run_variant(args, trim: bool, seeds: list[int], folds: list[int], cache_dir:
         if base is None:
             labels = datasets["train"].features["labels"].feature.names
             base = MisterEModel.from_backbones(whisper, minilm, freeze_speech_backbone=True, freeze_text_backbone=True,
-                                               id2label=dict(enumerate(labels)), speech_trim_padding=trim,
-                                               **recipe["config"])
+                                               id2label=dict(enumerate(labels)),
+                                               **{**accuracy.MEASURED_WITH, **recipe["config"], "speech_trim_padding": trim})
             processor = MisterEProcessor.from_backbones(whisper, minilm)
         start = time.perf_counter()
         datasets, cache_stats = add_cached_embeddings(base, processor, datasets, cache_dir)

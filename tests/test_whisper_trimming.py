@@ -80,3 +80,21 @@ def test_a_clip_shorter_than_two_frames_still_encodes(build):
     with torch.no_grad():
         out = encode_whisper_trimmed(model.speech_backbone, features, torch.tensor([1]))
     assert out.last_hidden_state.shape[1] == 1 and torch.isfinite(out.last_hidden_state).all()
+
+
+def test_new_models_on_a_whisper_encoder_trim_unless_told_not_to(tmp_path):
+    """`from_backbones` turns trimming on for Whisper-family encoders (as accurate with the default recipe, about
+    13x faster to extract: benchmarks/results/whisper_trimming-defaults.md); the field's default, which configs saved
+    before it existed load with, stays padded."""
+    from helpers import TINY_HEAD, speech_config
+    from transformers import Wav2Vec2Model, WhisperModel
+
+    from mister_e_hf import MisterEConfig
+
+    WhisperModel(speech_config("whisper")).save_pretrained(tmp_path / "whisper")
+    Wav2Vec2Model(speech_config("wav2vec2")).save_pretrained(tmp_path / "wav2vec2")
+    assert MisterEModel.from_backbones(str(tmp_path / "whisper"), **TINY_HEAD).config.speech_trim_padding is True
+    assert MisterEModel.from_backbones(str(tmp_path / "whisper"), speech_trim_padding=False,
+                                       **TINY_HEAD).config.speech_trim_padding is False
+    assert MisterEModel.from_backbones(str(tmp_path / "wav2vec2"), **TINY_HEAD).config.speech_trim_padding is False
+    assert MisterEConfig(speech_embed_dim=8).speech_trim_padding is False
