@@ -387,8 +387,9 @@ def build_model(model_args: ModelArguments, label_names: list[str]):
              model_args.visual_model_name_or_path)
     frozen = model_args.freeze_backbones or model_args.backbone_finetuning != "none"
     # frozen backbones: the recipe chosen without test data (FROZEN_BACKBONE_DEFAULTS), for the modalities given
+    given = {m for m, path in zip(("speech", "text", "visual"), paths) if path}
     recipe = {key: value for key, value in FROZEN_BACKBONE_DEFAULTS.items()
-              if frozen and (not key.endswith("_layers") or getattr(model_args, f"{key[:-7]}_model_name_or_path"))}
+              if frozen and (not key.endswith("_layers") or key.removesuffix("_layers") in given)}
     model = MisterEModel.from_backbones(
         *paths,
         freeze_speech_backbone=frozen,
